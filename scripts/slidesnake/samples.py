@@ -1,0 +1,72 @@
+"""Reading the sample sheet and the cross-row checks a JSON schema cannot express."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+REQUIRED = ["slide_id", "patient_id", "label", "path"]
+_STR_COLUMNS = {c: str for c in REQUIRED + ["stain"]}
+
+
+class SampleSheetError(ValueError):
+    """All problems of a sample sheet, one line each."""
+
+    def __init__(self, sheet: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"sample sheet {sheet} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+
+
+def read_sheet(path: str | os.PathLike) -> pd.DataFrame:
+    """The sheet as a DataFrame indexed by slide_id (string columns kept as strings)."""
+    df = pd.read_csv(path, sep="\t", dtype=_STR_COLUMNS, comment="#", skip_blank_lines=True)
+    df.columns = [c.strip() for c in df.columns]
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise SampleSheetError(str(path), [f"missing column(s) {', '.join(missing)}; "
+                                           f"the header must name {', '.join(REQUIRED)}"])
+    for c in df.columns:
+        if df[c].dtype == object:
+            df[c] = df[c].str.strip()
+    if "mpp" not in df.columns:
+        df["mpp"] = float("nan")
+    return df.set_index("slide_id", drop=False)
+
+
+def missing_files(df: pd.DataFrame) -> dict[str, str]:
+    """slide_id -> problem line, for every row whose file does not exist."""
+    return {
+        r.slide_id: f"line {i + 2} (slide {r.slide_id!r}): file {r.path} not found; fix the path "
+                    "(relative paths are relative to the working directory)"
+        for i, r in enumerate(df.itertuples(index=False)) if not Path(str(r.path)).exists()
+    }
+
+
+def check_sheet(df: pd.DataFrame, classes: list[str], sheet: str = "sample sheet",
+                check_paths: bool = True) -> None:
+    """Raise SampleSheetError listing every cross-row problem (rows are numbered as in the file)."""
+    problems = []
+    row = {sid: i + 2 for i, sid in enumerate(df["slide_id"])}  # header is line 1
+    for sid in df["slide_id"][df["slide_id"].duplicated()].unique():
+        problems.append(f"slide_id {sid!r} appears more than once; slide ids must be unique")
+    for r in df.itertuples(index=False):
+        where = f"line {row[r.slide_id]} (slide {r.slide_id!r})"
+        if pd.isna(r.patient_id) or r.patient_id == "":
+            problems.append(f"{where}: empty patient_id; give every slide its patient")
+        if r.label not in classes:
+            problems.append(f"{where}: label {r.label!r} is not one of config classes {classes}; "
+                            "fix the label or add the class to config")
+    if check_paths:
+        problems.extend(missing_files(df).values())
+    for path in df["path"][df["path"].duplicated()].unique():
+        ids = ", ".join(df.loc[df["path"] == path, "slide_id"])
+        problems.append(f"path {path} is listed for several slides ({ids}); list each file once")
+    labels = df.groupby("patient_id")["label"].nunique()
+    for pid in labels[labels > 1].index:
+        problems.append(f"patient {pid!r} has slides with different labels "
+                        f"({', '.join(sorted(df.loc[df['patient_id'] == pid, 'label'].unique()))}); "
+                        "labels are per patient")
+    if problems:
+        raise SampleSheetError(sheet, problems)

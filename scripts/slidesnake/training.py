@@ -1,0 +1,388 @@
+"""Per-fold MIL training: one bag per step, weighted cross-entropy, early stopping on val loss.
+
+The entry points used by ``scripts/train.py`` and the heatmap stage:
+
+- :func:`load_bags` reads one magnification of each slide's Zarr feature store;
+- :func:`train_fold` trains one fold and predicts every slide of it;
+- :func:`save_checkpoint` / :func:`load_checkpoint` (``torch.load(weights_only=True)``);
+- :func:`predict_bag` applies a checkpoint (standardisation included) to one bag.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import balanced_accuracy_score
+
+from slidesnake.evaluate import auc_score
+from slidesnake.io import atomic_path
+from slidesnake.models import MILModel, create_model
+from slidesnake.splits import check_splits
+
+_log = logging.getLogger("slidesnake.training")
+CHECKPOINT_VERSION = 1
+STD_EPS = 1e-6
+
+
+@dataclass
+class TrainResult:
+    model: MILModel
+    history: pd.DataFrame
+    predictions: pd.DataFrame
+    best_epoch: int
+    model_name: str = ""
+    model_kwargs: dict = field(default_factory=dict)
+    in_dim: int = 0
+    classes: list = field(default_factory=list)
+    feature_mean: np.ndarray | None = None
+    feature_std: np.ndarray | None = None
+    fold: int | None = None
+    class_weights: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # slides with empty bags
+
+
+# ----------------------------------------------------------------------------------------- bags
+
+def slide_id_of_store(path: str | os.PathLike) -> str:
+    name = Path(path).name
+    return name[: -len(".zarr")] if name.endswith(".zarr") else name
+
+
+def load_bags(stores: Sequence[str | os.PathLike], magnification: float | None,
+              slide_ids: Sequence[str] | None = None, log: logging.Logger | None = None) -> dict[str, np.ndarray]:
+    """Features ``(N, D) float32`` of one magnification from each ``<slide_id>.zarr`` store.
+
+    With ``slide_ids`` only those slides are read, and each must have a store.
+    """
+    from slidesnake.store import open_store
+
+    log = log or _log
+    by_id: dict[str, Path] = {}
+    for p in stores:
+        sid = slide_id_of_store(p)
+        if sid in by_id:
+            raise ValueError(f"two feature stores for slide {sid!r}: {by_id[sid]} and {p}")
+        by_id[sid] = Path(p)
+    wanted = list(by_id) if slide_ids is None else [str(s) for s in slide_ids]
+    missing = [s for s in wanted if s not in by_id]
+    if missing:
+        raise KeyError(f"no feature store for slide(s) {missing[:10]} ({len(missing)} in all)")
+    bags = {}
+    for sid in wanted:
+        store = open_store(by_id[sid])
+        mags = store.magnifications
+        mag = magnification
+        if mag is not None and not any(math.isclose(float(mag), m) for m in mags):
+            raise ValueError(f"{by_id[sid]}: no features at {float(mag):g}x; store has {mags}")
+        bags[sid] = store.features(mag)
+    log.info("read %d bags (%s tiles in all)", len(bags), sum(len(b) for b in bags.values()))
+    return bags
+
+
+def _feature_stats(arrays: Sequence[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std over all rows of ``arrays`` (float64 accumulation)."""
+    n = 0
+    s = np.zeros(dim, dtype=np.float64)
+    ss = np.zeros(dim, dtype=np.float64)
+    for a in arrays:
+        a64 = a.astype(np.float64, copy=False)
+        n += len(a64)
+        s += a64.sum(0)
+        ss += np.square(a64).sum(0)
+    mean = s / n
+    var = np.maximum(ss / n - np.square(mean), 0.0)
+    std = np.sqrt(var)
+    std[std < STD_EPS] = 1.0  # constant dimensions: centre only
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ training
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _class_weights(spec, y_train: np.ndarray, classes: list[str], log: logging.Logger) -> np.ndarray:
+    k = len(classes)
+    if spec is None or (isinstance(spec, str) and spec == "none"):
+        return np.ones(k)
+    if isinstance(spec, str):
+        if spec != "auto":
+            raise ValueError(f"class_weights must be 'auto', 'none' or a list of {k} numbers; got {spec!r}")
+        counts = np.bincount(y_train, minlength=k).astype(float)
+        w = np.zeros(k)
+        present = counts > 0
+        if not present.all():
+            log.warning("class(es) %s absent from the training split; weight 0",
+                        [c for c, p in zip(classes, present) if not p])
+        # inverse frequency, normalised so that the mean weight over training bags is 1
+        w[present] = len(y_train) / (present.sum() * counts[present])
+        return w
+    w = np.asarray(list(spec), dtype=float)
+    if w.shape != (k,) or (w < 0).any():
+        raise ValueError(f"class_weights needs {k} non-negative numbers (one per class {classes}); got {spec!r}")
+    return w
+
+
+def _make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    name = name.lower()
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'adamw' or 'adam'; got {name!r}")
+
+
+@torch.no_grad()
+def _predict(model: MILModel, bags: list[torch.Tensor], y: np.ndarray | None = None,
+             weights: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
+    """Class probabilities of each bag and (with ``y``) the mean loss."""
+    model.eval()
+    probs, losses = [], []
+    for i, bag in enumerate(bags):
+        out = model(bag)
+        probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
+        if y is not None:
+            label = torch.tensor(int(y[i]), device=bag.device)
+            losses.append(float(model.loss(out, label, weights)["total"]))
+    n_classes = model.n_classes
+    return (np.stack(probs) if probs else np.zeros((0, n_classes))), (float(np.mean(losses)) if losses else float("nan"))
+
+
+def train_fold(
+    bags: Mapping[str, np.ndarray],
+    splits_fold: pd.DataFrame,
+    classes: Sequence,
+    model_name: str = "abmil",
+    model_kwargs: Mapping | None = None,
+    *,
+    lr: float = 2e-4,
+    weight_decay: float = 1e-4,
+    optimizer: str = "adamw",
+    epochs: int = 50,
+    patience: int = 10,
+    min_epochs: int = 5,
+    class_weights="auto",
+    seed: int = 0,
+    device: str = "auto",
+    lr_factor: float = 0.5,
+    lr_patience: int = 5,
+    log: logging.Logger | None = None,
+) -> TrainResult:
+    """Train one fold; return the best model (lowest val loss), history and predictions.
+
+    ``bags`` maps slide_id -> ``(N, D)`` features; ``splits_fold`` is one fold's rows of splits.csv.
+    Features are standardised with the per-dimension mean/std of all training tiles. Slides with
+    an empty bag are skipped (warning) and get no prediction row.
+    """
+    log = log or _log
+    classes = [str(c) for c in classes]
+    model_kwargs = dict(model_kwargs or {})
+    df = splits_fold.copy()
+    for c in ("slide_id", "patient_id", "label", "split"):
+        if c in df.columns:
+            df[c] = df[c].astype(str)
+    check_splits(df, complete=False)
+    folds = df["fold"].unique()
+    if len(folds) != 1:
+        raise ValueError(f"train_fold expects the rows of one fold; got folds {sorted(folds)}")
+    fold = int(folds[0])
+    bad = sorted(set(df["label"]) - set(classes))
+    if bad:
+        raise ValueError(f"fold {fold}: label(s) {bad} not in classes {classes}")
+    missing = [s for s in df["slide_id"] if s not in bags]
+    if missing:
+        raise KeyError(f"fold {fold}: no features for slide(s) {missing[:10]} ({len(missing)} in all)")
+
+    skipped = [s for s in df["slide_id"] if len(bags[s]) == 0]
+    for s in skipped:
+        split = df.loc[df["slide_id"] == s, "split"].iloc[0]
+        log.warning("fold %d: slide %s has an empty bag (0 tiles); skipped (%s split, no prediction)", fold, s, split)
+    df = df[~df["slide_id"].isin(skipped)].reset_index(drop=True)
+    dims = {np.asarray(bags[s]).shape[1] for s in df["slide_id"]}
+    if len(dims) != 1:
+        raise ValueError(f"fold {fold}: bags have different feature dimensions {sorted(dims)}")
+    in_dim = dims.pop()
+    parts = {s: df[df["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
+    if parts["train"].empty:
+        raise ValueError(f"fold {fold}: no training slide with a non-empty bag")
+    if parts["val"].empty:
+        log.warning("fold %d: no validation slide with a non-empty bag; early stopping on training loss", fold)
+
+    dev = _resolve_device(device)
+    if dev.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    mean, std = _feature_stats([np.asarray(bags[s]) for s in parts["train"]["slide_id"]], in_dim)
+    mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
+    tensors = {
+        s: ((torch.from_numpy(np.asarray(bags[s], dtype=np.float32)) - mean_t) / std_t).to(dev)
+        for s in df["slide_id"]
+    }
+    cls_index = {c: i for i, c in enumerate(classes)}
+    y = {name: part["label"].map(cls_index).to_numpy() for name, part in parts.items()}
+    x = {name: [tensors[s] for s in part["slide_id"]] for name, part in parts.items()}
+    weights = _class_weights(class_weights, y["train"], classes, log)
+    weights_t = torch.tensor(weights, dtype=torch.float32, device=dev)
+    log.info(
+        "fold %d: %s on %s; %d train / %d val / %d test bags, dim %d; class weights %s",
+        fold, model_name, dev, len(x["train"]), len(x["val"]), len(x["test"]), in_dim,
+        dict(zip(classes, np.round(weights, 4).tolist())),
+    )
+
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        model = create_model(model_name, in_dim, len(classes), **model_kwargs).to(dev)
+        opt = _make_optimizer(optimizer, model.parameters(), lr, weight_decay)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=lr_factor, patience=lr_patience)
+        monitor = "val" if x["val"] else "train"
+        best_loss, best_epoch, best_state, since_best = math.inf, 0, None, 0
+        rows = []
+        for epoch in range(1, int(epochs) + 1):
+            t0 = time.perf_counter()
+            cur_lr = opt.param_groups[0]["lr"]
+            model.train()
+            total = 0.0
+            for i in rng.permutation(len(x["train"])):
+                out = model(x["train"][i])
+                label = torch.tensor(int(y["train"][i]), device=dev)
+                loss = model.loss(out, label, weights_t)["total"]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+            train_loss = total / len(x["train"])
+            probs, val_loss = _predict(model, x["val"], y["val"], weights_t)
+            if x["val"]:
+                val_auc = auc_score(y["val"], probs)
+                val_bacc = float(balanced_accuracy_score(y["val"], probs.argmax(1)))
+            else:
+                val_auc = val_bacc = float("nan")
+            score = val_loss if monitor == "val" else train_loss
+            sched.step(score)
+            improved = math.isfinite(score) and score < best_loss
+            if improved:
+                best_loss, best_epoch, since_best = score, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                since_best += 1
+            secs = time.perf_counter() - t0
+            rows.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, val_auc=val_auc,
+                             val_bacc=val_bacc, lr=cur_lr, seconds=secs))
+            log.info("fold %d epoch %3d/%d: train_loss %.4f val_loss %.4f val_auc %.4f val_bacc %.4f "
+                     "lr %.2e %.1fs%s", fold, epoch, epochs, train_loss, val_loss, val_auc, val_bacc,
+                     cur_lr, secs, " *" if improved else "")
+            if epoch >= min_epochs and since_best >= patience:
+                log.info("fold %d: early stop at epoch %d (no %s loss improvement for %d epochs)",
+                         fold, epoch, monitor, since_best)
+                break
+        if best_state is None:
+            raise RuntimeError(f"fold {fold}: {monitor} loss never finite; training diverged (lower lr?)")
+        model.load_state_dict(best_state)
+        model.eval()
+        log.info("fold %d: best epoch %d (%s loss %.4f)", fold, best_epoch, monitor, best_loss)
+
+        preds = []
+        for name in ("train", "val", "test"):
+            part = parts[name]
+            if part.empty:
+                continue
+            probs, _ = _predict(model, x[name])
+            p = part.loc[:, ["fold", "slide_id", "patient_id", "label", "split"]].copy()
+            for j, c in enumerate(classes):
+                p[f"prob_{c}"] = probs[:, j]
+            p["pred"] = [classes[j] for j in probs.argmax(1)]
+            preds.append(p)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+    predictions = pd.concat(preds, ignore_index=True)
+    order = {s: i for i, s in enumerate(splits_fold["slide_id"].astype(str))}
+    predictions = predictions.sort_values("slide_id", key=lambda s: s.map(order)).reset_index(drop=True)
+    return TrainResult(
+        model=model, history=pd.DataFrame(rows), predictions=predictions, best_epoch=best_epoch,
+        model_name=model_name, model_kwargs=model_kwargs, in_dim=int(in_dim), classes=classes,
+        feature_mean=mean, feature_std=std, fold=fold, class_weights=[float(w) for w in weights],
+        skipped=skipped,
+    )
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+def _plain(obj, where: str = "checkpoint"):
+    """Convert to types ``torch.load(weights_only=True)`` accepts (tensors, plain containers)."""
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, where) for v in obj]
+    raise TypeError(f"{where}: cannot store {type(obj).__name__} in a weights_only checkpoint")
+
+
+def save_checkpoint(path: str | os.PathLike, result: TrainResult, meta: Mapping | None = None) -> None:
+    """Write the best model and everything needed to rebuild and apply it, atomically."""
+    ckpt = {
+        "format_version": CHECKPOINT_VERSION,
+        "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+        "model_name": result.model_name,
+        "model_kwargs": _plain(result.model_kwargs, "model_kwargs"),
+        "in_dim": int(result.in_dim),
+        "classes": list(result.classes),
+        "feature_mean": torch.as_tensor(result.feature_mean, dtype=torch.float32),
+        "feature_std": torch.as_tensor(result.feature_std, dtype=torch.float32),
+        "fold": None if result.fold is None else int(result.fold),
+        "best_epoch": int(result.best_epoch),
+        "class_weights": list(result.class_weights),
+    }
+    for k, v in (meta or {}).items():
+        if k in ckpt:
+            raise ValueError(f"meta key {k!r} would overwrite a checkpoint entry")
+        ckpt[str(k)] = _plain(v, f"meta.{k}")
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[MILModel, dict]:
+    """Rebuild the model of a checkpoint (eval mode) and return it with the checkpoint dict."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    model = create_model(ckpt["model_name"], ckpt["in_dim"], len(ckpt["classes"]), **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(device).eval()
+    return model, ckpt
+
+
+@torch.no_grad()
+def predict_bag(model: MILModel, ckpt: Mapping, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities ``(n_classes,)`` and attention ``(N,)`` of one bag, standardised as in training."""
+    features = np.asarray(features, dtype=np.float32)
+    if features.ndim != 2 or len(features) == 0:
+        raise ValueError(f"predict_bag needs a non-empty (N, D) bag; got shape {features.shape}")
+    dev = next(model.parameters()).device
+    mean = torch.as_tensor(ckpt["feature_mean"], dtype=torch.float32)
+    std = torch.as_tensor(ckpt["feature_std"], dtype=torch.float32)
+    bag = ((torch.from_numpy(features) - mean) / std).to(dev)
+    model.eval()
+    out = model(bag)
+    probs = torch.softmax(out.logits.float(), dim=-1)
+    return probs.cpu().numpy(), out.attention.float().cpu().numpy()
