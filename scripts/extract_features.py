@@ -14,7 +14,7 @@ meta = json.loads(Path(sm.input.meta).read_text())
 tiles = pd.read_parquet(sm.input.tiles)
 
 summary = extract_slide(
-    meta["path"], tiles, sm.output.store,
+    sm.input.slide, tiles, sm.output.store,
     slide_id=meta["slide_id"],
     backbone=sm.params.backbone,
     weights=sm.params.weights,
@@ -26,6 +26,8 @@ summary = extract_slide(
     device=sm.params.device,
     feature_dtype=sm.params.feature_dtype,
     threads=sm.threads,
-    extra_attrs={"mpp": meta["mpp"], "objective_power": meta["objective_power"]},
+    extra_attrs={"mpp": meta["mpp"], "mpp_source": meta.get("mpp_source"),
+                 "objective_power": meta["objective_power"],
+                 "objective_source": meta.get("objective_source")},
 )
 log.info("summary: %s", json.dumps(summary))

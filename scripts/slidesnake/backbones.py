@@ -197,7 +197,10 @@ def _load_weights(spec: BackboneSpec, path: Path, strip_prefix: str | None) -> n
             return trunk
         attempts.append((len(missing) + len(unexpected), target, missing, unexpected))
     _, target, missing, unexpected = min(attempts, key=lambda a: a[0])
-    hint = "" if strip_prefix else " (a prefix such as 'module.'? set strip_prefix)"
+    heads = {k.split(".", 1)[0] for k in state}
+    known = {k.split(".", 1)[0] for k in spec.full.state_dict()}
+    hint = (f"; every key starts with '{min(heads)}.': set strip_prefix"
+            if len(heads) == 1 and heads.isdisjoint(known) else "")
     raise ValueError(f"{path}: state dict does not match the {target}: "
                      f"{len(missing)} missing keys {missing[:3]}, "
                      f"{len(unexpected)} unexpected keys {unexpected[:3]}{hint}")

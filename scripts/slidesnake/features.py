@@ -12,19 +12,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import slidesnake
 from slidesnake.backbones import Backbone, create_backbone
 from slidesnake.store import FeatureStore, StoreWriter, open_store
+from slidesnake.tiling import TileReader
 
 __all__ = ["TileDataset", "extract_slide", "open_store", "FeatureStore", "resolve_device"]
 
@@ -38,50 +37,21 @@ CHUNK_ROWS = 4096  # rows per Zarr chunk; features are written in whole chunks
 class TileDataset(Dataset):
     """Kept tiles of one slide as uint8 (3, S, S) tensors, S = tile_size + 2 * overlap.
 
-    The OpenSlide handle and the DeepZoom generators (one per ``dz_tile_size``) are opened lazily
-    in the process that reads, so every DataLoader worker has its own and none is ever pickled.
+    Reading is :class:`slidesnake.tiling.TileReader`'s: its OpenSlide handle and DeepZoom
+    generators (one per ``dz_tile_size``) open lazily in the process that reads, so every
+    DataLoader worker has its own and none is ever pickled.
     """
 
     def __init__(self, slide_path: str | os.PathLike, tiles: pd.DataFrame, tile_size: int,
                  overlap: int = 0, limit_bounds: bool = True):
-        self.slide_path = str(slide_path)
-        self.tile_size, self.overlap, self.limit_bounds = int(tile_size), int(overlap), bool(limit_bounds)
-        self.out_size = self.tile_size + 2 * self.overlap
+        self.reader = TileReader(slide_path, int(tile_size), int(overlap), bool(limit_bounds))
         self._address = tiles[["dz_tile_size", "dz_level", "col", "row"]].to_numpy(np.int64)
-        self._slide = None
-        self._dz: dict[int, object] = {}
 
     def __len__(self) -> int:
         return len(self._address)
 
-    def __getstate__(self):
-        return {**self.__dict__, "_slide": None, "_dz": {}}
-
-    def _generator(self, dz_tile_size: int):
-        dz = self._dz.get(dz_tile_size)
-        if dz is None:
-            import openslide
-            from openslide.deepzoom import DeepZoomGenerator
-
-            if self._slide is None:
-                self._slide = openslide.OpenSlide(self.slide_path)
-            dz = self._dz[dz_tile_size] = DeepZoomGenerator(
-                self._slide, tile_size=dz_tile_size, overlap=self.overlap, limit_bounds=self.limit_bounds)
-        return dz
-
     def __getitem__(self, i: int) -> torch.Tensor:
-        dz_tile_size, level, col, row = (int(v) for v in self._address[i])
-        img = self._generator(dz_tile_size).get_tile(level, (col, row)).convert("RGB")
-        # dz_tile_size != tile_size (magnification not a power-of-two step), or an edge tile that
-        # lacks overlap on one side: bring every tile to one size so that tiles batch together.
-        if img.size != (self.out_size, self.out_size):
-            img = img.resize((self.out_size, self.out_size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
-
-    def close(self) -> None:
-        if self._slide is not None:
-            self._slide.close()
-        self._slide, self._dz = None, {}
+        return torch.from_numpy(self.reader.read(*self._address[i]).copy()).permute(2, 0, 1)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -89,6 +59,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def _describe(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def default_num_workers() -> int:
@@ -107,6 +81,7 @@ class _Embedder:
         self.model = backbone.model.to(device).eval()
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True  # one input shape throughout
         # (x / 255 - mean) / std == (x - 255 mean) / (255 std)
         self.shift = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1) * 255
         self.scale = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1) * 255
@@ -183,9 +158,8 @@ def extract_slide(
         torch.set_num_threads(int(threads))
     tiles = _check_tiles(tiles)
     mags = [float(m) for m in sorted(tiles["magnification"].unique())]
-    kept = tiles[tiles["keep"].astype(bool)]
     # Grouped by magnification (each in tile_id order) so every group's rows arrive contiguously.
-    kept = pd.concat([kept[kept["magnification"] == m] for m in mags]) if mags else kept
+    kept = tiles[tiles["keep"].astype(bool)].sort_values("magnification", kind="stable")
     n_tiles = {m: int((kept["magnification"] == m).sum()) for m in mags}
     total = len(kept)
 
@@ -193,16 +167,15 @@ def extract_slide(
     bb = create_backbone(backbone, weights=weights)
     embed = _Embedder(bb, dev)
     attrs = {
-        "slide_id": slide_id, **bb.provenance(),
+        **_jsonable(extra_attrs or {}), "slide_id": slide_id, **bb.provenance(),
         "precision": str(embed.dtype).removeprefix("torch."), "feature_dtype": feature_dtype,
         "tile_size": int(tile_size), "overlap": int(overlap), "limit_bounds": bool(limit_bounds),
         "device": str(dev), "slidesnake_version": slidesnake.__version__,
-        **_jsonable(extra_attrs or {}),
     }
     workers = default_num_workers() if num_workers is None else int(num_workers)
     log.info("%s: %d kept tiles of %d (%s), backbone %s (%s), device %s, %s, batch %d, %d workers",
              slide_id, total, len(tiles), ", ".join(f"{m:g}x: {n}" for m, n in n_tiles.items()) or "-",
-             backbone, bb.weights, dev, attrs["precision"], batch_size, workers)
+             backbone, bb.weights, _describe(dev), attrs["precision"], batch_size, workers)
     if total == 0:
         log.warning("%s: no kept tiles; writing an empty feature store", slide_id)
 
@@ -220,13 +193,10 @@ def extract_slide(
                                 pin_memory=dev.type == "cuda", persistent_workers=False,
                                 prefetch_factor=4 if workers else None)
             sink = _ChunkedSink(writer, n_tiles)
-            try:
-                for batch in loader:
-                    sink.add(embed(batch))
-                    progress.update(sink.done)
-            finally:
-                dataset.close()
-            sink.close()
+            for batch in loader:
+                sink.add(embed(batch))
+                progress.update(sink.done)
+            sink.finish()
     seconds = progress.seconds
     summary = {"slide_id": slide_id, "out": str(out_path), "n_tiles": total,
                "n_tiles_per_magnification": {f"{m:g}x": n for m, n in n_tiles.items()},
@@ -274,7 +244,7 @@ class _ChunkedSink:
         self._pending = [block[k:]] if k < len(block) else []
         self._n_pending = len(block) - k
 
-    def close(self) -> None:
+    def finish(self) -> None:
         expected = sum(n for _, n in self.groups)
         if self.done != expected or self._n_pending:
             raise RuntimeError(f"extracted {self.done} feature rows, expected {expected}")

@@ -38,7 +38,7 @@ def read_sheet(path: str | os.PathLike) -> pd.DataFrame:
 def missing_files(df: pd.DataFrame) -> dict[str, str]:
     """slide_id -> problem line, for every row whose file does not exist."""
     return {
-        r.slide_id: f"line {i + 2} (slide {r.slide_id!r}): file {r.path} not found; fix the path "
+        r.slide_id: f"row {i + 1} (slide {r.slide_id!r}): file {r.path} not found; fix the path "
                     "(relative paths are relative to the working directory)"
         for i, r in enumerate(df.itertuples(index=False)) if not Path(str(r.path)).exists()
     }
@@ -46,13 +46,12 @@ def missing_files(df: pd.DataFrame) -> dict[str, str]:
 
 def check_sheet(df: pd.DataFrame, classes: list[str], sheet: str = "sample sheet",
                 check_paths: bool = True) -> None:
-    """Raise SampleSheetError listing every cross-row problem (rows are numbered as in the file)."""
+    """Raise SampleSheetError listing every cross-row problem (rows numbered from 1 after the header)."""
     problems = []
-    row = {sid: i + 2 for i, sid in enumerate(df["slide_id"])}  # header is line 1
     for sid in df["slide_id"][df["slide_id"].duplicated()].unique():
         problems.append(f"slide_id {sid!r} appears more than once; slide ids must be unique")
-    for r in df.itertuples(index=False):
-        where = f"line {row[r.slide_id]} (slide {r.slide_id!r})"
+    for i, r in enumerate(df.itertuples(index=False)):
+        where = f"row {i + 1} (slide {r.slide_id!r})"
         if pd.isna(r.patient_id) or r.patient_id == "":
             problems.append(f"{where}: empty patient_id; give every slide its patient")
         if r.label not in classes:

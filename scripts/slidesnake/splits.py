@@ -33,13 +33,16 @@ def _require_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> Non
 
 
 def validate_labels(samples: pd.DataFrame, classes: Sequence) -> None:
-    """Every label must be one of ``classes``; the error names the first offending rows."""
+    """Every label must be one of ``classes``; the error names the first offending rows.
+
+    Rows are numbered as lines of the sample sheet (header = line 1, no comment lines).
+    """
     classes = [str(c) for c in classes]
     labels = samples["label"].astype(str)
     bad = ~labels.isin(classes)
     if bad.any():
         rows = [
-            f"row {i + 1} (slide_id={samples['slide_id'].iloc[i]!r}, label={labels.iloc[i]!r})"
+            f"line {i + 2} (slide {samples['slide_id'].iloc[i]!r}: label {labels.iloc[i]!r})"
             for i in np.flatnonzero(bad.to_numpy())[:5]
         ]
         more = f" and {int(bad.sum()) - 5} more" if bad.sum() > 5 else ""
@@ -62,10 +65,12 @@ def make_splits(
     k = int(k)
     if k < 3:
         raise SplitError(f"splits.k must be >= 3 (test, val and train groups); got {k}")
-    df = samples.loc[:, list(SAMPLE_COLUMNS)].astype(str).reset_index(drop=True)
-    if df.isna().any().any() or (df == "").any().any():
-        bad = df.index[(df.isna() | (df == "")).any(axis=1)][:5].tolist()
-        raise SplitError(f"empty slide_id/patient_id/label in sample sheet row(s) {[i + 1 for i in bad]}")
+    df = samples.loc[:, list(SAMPLE_COLUMNS)].reset_index(drop=True)
+    empty = (df.isna() | (df.astype(str).apply(lambda c: c.str.strip()) == "")).any(axis=1)
+    if empty.any():
+        lines = [i + 2 for i in np.flatnonzero(empty.to_numpy())[:5]]
+        raise SplitError(f"empty slide_id/patient_id/label on sample sheet line(s) {lines}")
+    df = df.astype(str)
     if classes is not None:
         validate_labels(df, classes)
     dup = df["slide_id"][df["slide_id"].duplicated()]
@@ -104,14 +109,11 @@ def make_splits(
     out = out.sort_values(["fold", "slide_id"], kind="mergesort").reset_index(drop=True)
     check_splits(out)
     for fold, g in out.groupby("fold"):
-        log.info(
-            "fold %d: %s", fold,
-            "; ".join(
-                f"{s} {int((g['split'] == s).sum())} slides "
-                f"({', '.join(f'{c}={n}' for c, n in g.loc[g['split'] == s, 'label'].value_counts().sort_index().items())})"
-                for s in SPLITS
-            ),
-        )
+        parts = []
+        for name in SPLITS:
+            counts = g.loc[g["split"] == name, "label"].value_counts().sort_index()
+            parts.append(f"{name} {int(counts.sum())} slides ({', '.join(f'{c}={n}' for c, n in counts.items())})")
+        log.info("fold %d: %s", fold, "; ".join(parts))
     return out
 
 

@@ -41,7 +41,10 @@ def _map_chunks(chunks, reader: TileReader, threads: int):
         _init_worker(reader)
         yield from map(_score_chunk, chunks)
         return
-    with mp.get_context("spawn").Pool(threads, initializer=_init_worker, initargs=(reader,)) as pool:
+    # fork where there is one: spawn re-imports the parent's __main__, which for a Snakemake
+    # script is the whole script (it would run again in every worker).
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(threads, initializer=_init_worker, initargs=(reader,)) as pool:
         yield from pool.imap(_score_chunk, chunks)
 
 

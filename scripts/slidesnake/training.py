@@ -157,8 +157,8 @@ def _predict(model: MILModel, bags: list[torch.Tensor], y: np.ndarray | None = N
         if y is not None:
             label = torch.tensor(int(y[i]), device=bag.device)
             losses.append(float(model.loss(out, label, weights)["total"]))
-    n_classes = model.n_classes
-    return (np.stack(probs) if probs else np.zeros((0, n_classes))), (float(np.mean(losses)) if losses else float("nan"))
+    probs_arr = np.stack(probs) if probs else np.zeros((0, model.n_classes))
+    return probs_arr, float(np.mean(losses)) if losses else float("nan")
 
 
 def train_fold(

@@ -1,0 +1,174 @@
+"""Cohort metrics across folds and ROC / confusion plots.
+
+Per-fold predictions (``models/<model>/fold_<k>/predictions.csv``: slide_id, patient_id, label,
+split, prob_<class>..., pred) are reduced to one row of test metrics per fold plus ``mean`` and
+``sd`` rows, and the out-of-fold (OOF) table of every slide's test prediction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, precision_recall_fscore_support,
+                             roc_auc_score, roc_curve)
+
+from slidesnake.io import save_figure
+
+log = logging.getLogger("slidesnake.evaluate")
+METRICS = ("auc", "accuracy", "balanced_accuracy", "precision", "recall", "f1")
+
+
+def auc_score(y: np.ndarray, probs: np.ndarray) -> float:
+    """Bag AUC from class indices ``y`` and probabilities ``(n, C)``.
+
+    Binary: AUC of the last (positive) class. More classes: one-vs-rest macro average (as
+    ``roc_auc_score(multi_class="ovr", average="macro")``) over the classes present in ``y``.
+    NaN when ``y`` holds fewer than two classes.
+    """
+    y = np.asarray(y, dtype=int)
+    probs = np.asarray(probs, dtype=float)
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(y == 1, probs[:, 1]))
+    return float(np.mean([roc_auc_score(y == c, probs[:, c]) for c in np.unique(y)]))
+
+
+def prob_columns(classes: Sequence[str]) -> list[str]:
+    return [f"prob_{c}" for c in classes]
+
+
+def fold_metrics(pred: pd.DataFrame, classes: Sequence[str], fold=None) -> dict:
+    """Test metrics of one fold's predictions (rows already restricted to one split)."""
+    classes = [str(c) for c in classes]
+    y_true = pred["label"].astype(str).to_numpy()
+    y_pred = pred["pred"].astype(str).to_numpy()
+    idx = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(y_true) - set(classes))
+    if unknown:
+        raise ValueError(f"fold {fold}: label(s) {unknown} not in classes {classes}")
+    row = {"fold": fold, "n": int(len(pred))}
+    if len(set(y_true)) < 2:
+        log.warning("fold %s: test split has a single class (%s); AUC undefined (NaN)", fold, sorted(set(y_true)))
+        row["auc"] = float("nan")
+    else:
+        row["auc"] = auc_score(np.array([idx[v] for v in y_true]), pred[prob_columns(classes)].to_numpy(float))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns about classes absent from y_true/y_pred
+        row["accuracy"] = float(accuracy_score(y_true, y_pred))
+        row["balanced_accuracy"] = float(balanced_accuracy_score(y_true, y_pred))
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=classes, average="macro",
+                                                     zero_division=0)
+    row.update(precision=float(p), recall=float(r), f1=float(f))
+    return row
+
+
+def summarize(fold_predictions: Sequence[pd.DataFrame], classes: Sequence) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-fold test metrics with ``mean`` and ``sd`` rows, and the out-of-fold predictions.
+
+    A ``fold`` column in a prediction table names its fold, else its position in the list does.
+    """
+    classes = [str(c) for c in classes]
+    rows, oof = [], []
+    for i, pred in enumerate(fold_predictions):
+        pred = pred.copy()
+        if "fold" not in pred.columns:
+            pred.insert(0, "fold", i)
+        folds = pred["fold"].unique()
+        if len(folds) != 1:
+            raise ValueError(f"prediction table {i} holds several folds: {sorted(folds)}")
+        missing = [c for c in ["slide_id", "label", "split", "pred", *prob_columns(classes)] if c not in pred.columns]
+        if missing:
+            raise ValueError(f"prediction table of fold {folds[0]} lacks column(s) {missing}")
+        test = pred[pred["split"].astype(str) == "test"]
+        if test.empty:
+            log.warning("fold %s: no test predictions", folds[0])
+            rows.append({"fold": folds[0], "n": 0, **{m: float("nan") for m in METRICS}})
+            continue
+        rows.append(fold_metrics(test, classes, fold=folds[0]))
+        oof.append(test)
+    per_fold = pd.DataFrame(rows, columns=["fold", "n", *METRICS])
+    mean = {"fold": "mean", "n": per_fold["n"].mean(), **per_fold[list(METRICS)].mean().to_dict()}
+    sd = {"fold": "sd", "n": per_fold["n"].std(), **per_fold[list(METRICS)].std().to_dict()}
+    summary = pd.concat([per_fold.astype({"fold": object}), pd.DataFrame([mean, sd])], ignore_index=True)
+    oof_df = pd.concat(oof, ignore_index=True) if oof else pd.DataFrame()
+    if not oof_df.empty:
+        dup = oof_df["slide_id"][oof_df["slide_id"].duplicated()]
+        if len(dup):
+            raise ValueError(f"slide(s) tested in more than one fold: {sorted(set(dup))[:10]}")
+    return summary, oof_df
+
+
+# --------------------------------------------------------------------------------------- plots
+
+def _figure(figsize):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _as_frame(preds) -> pd.DataFrame:
+    if isinstance(preds, pd.DataFrame):
+        df = preds.copy()
+        if "fold" not in df.columns:
+            df["fold"] = 0
+        return df
+    parts = []
+    for i, p in enumerate(preds):
+        p = p.copy()
+        if "fold" not in p.columns:
+            p["fold"] = i
+        parts.append(p[p["split"].astype(str) == "test"] if "split" in p.columns else p)
+    return pd.concat(parts, ignore_index=True)
+
+
+def plot_roc(preds, classes: Sequence, path: str | os.PathLike) -> None:
+    """Per-fold ROC curves and the pooled out-of-fold curve (AUC in the legend).
+
+    ``preds``: the OOF table (with a ``fold`` column) or a list of per-fold tables (test rows
+    used). Binary: one panel for the positive (last) class; more classes: one-vs-rest panel per class.
+    """
+    classes = [str(c) for c in classes]
+    df = _as_frame(preds)
+    panels = [classes[-1]] if len(classes) == 2 else classes
+    fig = _figure((4.2 * len(panels), 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, c in zip(axes, panels):
+        for fold, g in df.groupby("fold"):
+            y = g["label"].astype(str).to_numpy() == c
+            if y.all() or not y.any():
+                continue
+            fpr, tpr, _ = roc_curve(y, g[f"prob_{c}"].to_numpy(float))
+            ax.plot(fpr, tpr, lw=1, alpha=0.5, label=f"fold {fold} (AUC {roc_auc_score(y, g[f'prob_{c}']):.3f})")
+        y = df["label"].astype(str).to_numpy() == c
+        if y.any() and not y.all():
+            fpr, tpr, _ = roc_curve(y, df[f"prob_{c}"].to_numpy(float))
+            ax.plot(fpr, tpr, lw=2.5, color="black",
+                    label=f"pooled OOF (AUC {roc_auc_score(y, df[f'prob_{c}']):.3f})")
+        ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
+               title=f"ROC: {c}" + (" vs rest" if len(classes) > 2 else ""), aspect="equal")
+        ax.legend(loc="lower right", fontsize="small")
+    save_figure(fig, path, dpi=120)
+
+
+def plot_confusion(oof: pd.DataFrame, classes: Sequence, path: str | os.PathLike) -> None:
+    """Confusion matrix (counts) of the out-of-fold predictions."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    classes = [str(c) for c in classes]
+    fig = _figure((1.5 + 1.1 * len(classes), 1.2 + 1.1 * len(classes)))
+    ax = fig.add_subplot()
+    ConfusionMatrixDisplay.from_predictions(
+        oof["label"].astype(str), oof["pred"].astype(str), labels=classes, ax=ax, colorbar=False, cmap="Blues"
+    )
+    ax.set_title(f"out-of-fold (n={len(oof)})")
+    save_figure(fig, path, dpi=120)

@@ -1,0 +1,24 @@
+"""Snakemake script: train one fold of a MIL model on the Zarr feature stores."""
+
+import pandas as pd
+import torch
+
+from slidesnake.io import setup_logging, write_table
+from slidesnake.training import load_bags, save_checkpoint, train_fold
+
+sm = snakemake  # noqa: F821
+log = setup_logging(sm.log[0] if sm.log else None)
+torch.set_num_threads(max(1, int(sm.threads)))
+fold = int(sm.params.fold)
+splits = pd.read_csv(sm.input.splits, dtype={"slide_id": str, "patient_id": str, "label": str})
+rows = splits[splits["fold"] == fold]
+if rows.empty:
+    raise ValueError(f"fold {fold} not in {sm.input.splits} (folds {sorted(splits['fold'].unique())})")
+mag = sm.params.magnification
+bags = load_bags(list(sm.input.features), None if mag is None else float(mag), rows["slide_id"].tolist(), log=log)
+result = train_fold(bags, rows, list(sm.params.classes), sm.params.model, dict(sm.params.model_kwargs or {}),
+                    log=log, **dict(sm.params.training or {}))
+save_checkpoint(sm.output.model, result, {"magnification": None if mag is None else float(mag)})
+write_table(result.history, sm.output.history)
+write_table(result.predictions, sm.output.predictions)
+log.info("fold %d: best epoch %d; wrote %s", fold, result.best_epoch, sm.output.model)

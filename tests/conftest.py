@@ -1,0 +1,22 @@
+"""Shared fixtures: the real slides in ../shared (skipped when absent) and the repo root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_SLIDES = REPO.parent / "shared" / "data" / "slides"
+
+
+def shared_slide(rel: str) -> Path:
+    path = SHARED_SLIDES / rel
+    if not path.exists():
+        pytest.skip(f"{path} not present (the shared test slides live beside the repo in ../shared)")
+    return path
+
+
+@pytest.fixture
+def cmu_small() -> Path:
+    return shared_slide("real/aperio/CMU-1-Small-Region.svs")

@@ -1,0 +1,53 @@
+import os
+
+import pandas as pd
+import pytest
+
+from slidesnake.io import atomic_path, write_json, write_table
+
+
+def test_atomic_file_renamed_only_on_success(tmp_path):
+    target = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert not target.exists()
+    assert os.listdir(tmp_path) == []
+    with atomic_path(target) as tmp:
+        tmp.write_text("done")
+        assert not target.exists()
+    assert target.read_text() == "done"
+
+
+def test_atomic_directory_replaces_previous(tmp_path):
+    target = tmp_path / "store.zarr"
+    for content in ("first", "second"):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "x").write_text(content)
+    assert (target / "x").read_text() == "second"
+    assert sorted(os.listdir(tmp_path)) == ["store.zarr"]
+
+
+def test_failed_directory_write_keeps_previous(tmp_path):
+    target = tmp_path / "store.zarr"
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "x").write_text("good")
+    with pytest.raises(ValueError):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            raise ValueError
+    assert (target / "x").read_text() == "good"
+    assert sorted(os.listdir(tmp_path)) == ["store.zarr"]
+
+
+def test_write_table_and_json(tmp_path):
+    df = pd.DataFrame({"a": [1, 2], "b": ["x", "y"]})
+    for suffix in (".csv", ".tsv", ".parquet"):
+        write_table(df, tmp_path / f"t{suffix}")
+    assert pd.read_parquet(tmp_path / "t.parquet").equals(df)
+    assert pd.read_csv(tmp_path / "t.tsv", sep="\t").equals(df)
+    write_json({"k": 1}, tmp_path / "m.json")
+    assert (tmp_path / "m.json").read_text().strip().startswith("{")

@@ -1,0 +1,227 @@
+"""Training loop, checkpoints, determinism and the digit-bags correctness benchmark."""
+
+from __future__ import annotations
+
+import logging
+import runpy
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.metrics import roc_auc_score
+
+from slidesnake.training import (load_bags, load_checkpoint, predict_bag, save_checkpoint, train_fold,
+                                 _class_weights)
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+CLASSES = ["other", "nine"]
+
+
+def digit_bags(n_train=200, n_val=50, n_test=100, seed=0):
+    """MNIST-bags (Ilse et al. 2018) from scikit-learn's 8x8 digits.
+
+    Instances are digit images as 64-d vectors in [0, 1]; a bag is positive when it holds at least
+    one '9' (here 1-3 of them, half of the bags positive); bag sizes ~ Normal(10, 2) clipped to
+    >= 2. Train/val bags draw from one half of the images, test bags from the other half.
+    """
+    X, t = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(X))
+    pools = {"train": perm[: len(X) // 2], "test": perm[len(X) // 2:]}
+    bags, inst, rows = {}, {}, []
+    for split, n_bags in (("train", n_train), ("val", n_val), ("test", n_test)):
+        pool = pools["test" if split == "test" else "train"]
+        nines, others = pool[t[pool] == 9], pool[t[pool] != 9]
+        for b in range(n_bags):
+            n = max(2, int(round(rng.normal(10, 2))))
+            idx = rng.choice(others, n)
+            positive = b % 2 == 0
+            if positive:
+                where = rng.choice(n, min(n, int(rng.integers(1, 4))), replace=False)
+                idx[where] = rng.choice(nines, len(where))
+            sid = f"{split}{b:03d}"
+            bags[sid], inst[sid] = X[idx], t[idx] == 9
+            rows.append(dict(fold=0, slide_id=sid, patient_id=f"p-{sid}", label=CLASSES[int(positive)],
+                             split=split))
+    return bags, inst, pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def digits_run():
+    torch.set_num_threads(1)
+    bags, inst, splits = digit_bags()
+    t0 = time.perf_counter()
+    res = train_fold(bags, splits, CLASSES, "abmil", {"hidden": 64, "gated": True},
+                     lr=1e-3, epochs=20, patience=5, min_epochs=5, seed=0, device="cpu")
+    return bags, inst, splits, res, time.perf_counter() - t0
+
+
+def test_digit_bags_benchmark(digits_run, record_property):
+    bags, inst, splits, res, seconds = digits_run
+    test = res.predictions[res.predictions["split"] == "test"]
+    assert len(test) == 100
+    bag_auc = roc_auc_score(test["label"] == "nine", test["prob_nine"])
+    ckpt = {"feature_mean": res.feature_mean, "feature_std": res.feature_std}
+    att, is_nine = [], []
+    for sid in test.loc[test["label"] == "nine", "slide_id"]:
+        _, a = predict_bag(res.model, ckpt, bags[sid])
+        assert a.shape == (len(bags[sid]),) and a.sum() == pytest.approx(1, abs=1e-5)
+        att.append(a)
+        is_nine.append(inst[sid])
+    inst_auc = roc_auc_score(np.concatenate(is_nine), np.concatenate(att))
+    for k, v in dict(bag_auc=bag_auc, instance_auc=inst_auc, seconds=seconds, best_epoch=res.best_epoch,
+                     epochs_run=len(res.history)).items():
+        record_property(k, v)
+    print(f"digit bags: bag AUC {bag_auc:.4f}, instance AUC {inst_auc:.4f}, {seconds:.1f} s, "
+          f"best epoch {res.best_epoch}/{len(res.history)}")
+    assert bag_auc >= 0.95
+    assert inst_auc >= 0.9
+    assert seconds < 20
+
+
+def test_history_and_predictions_layout(digits_run):
+    bags, _, splits, res, _ = digits_run
+    h = res.history
+    assert list(h.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "val_bacc", "lr", "seconds"]
+    assert h["epoch"].tolist() == list(range(1, len(h) + 1))
+    assert res.best_epoch == int(h.loc[h["val_loss"].idxmin(), "epoch"])
+    assert len(h) >= 5 and len(h) - res.best_epoch <= 5  # early stopping with patience 5
+    p = res.predictions
+    assert list(p.columns) == ["fold", "slide_id", "patient_id", "label", "split", "prob_other", "prob_nine", "pred"]
+    assert p["slide_id"].tolist() == splits["slide_id"].tolist()
+    assert np.allclose(p[["prob_other", "prob_nine"]].sum(axis=1), 1)
+    assert (p["pred"] == np.where(p["prob_nine"] > p["prob_other"], "nine", "other")).all()
+    assert res.feature_mean.shape == (64,) and (res.feature_std > 0).all()
+
+
+def test_checkpoint_round_trip(digits_run, tmp_path):
+    bags, _, splits, res, _ = digits_run
+    path = tmp_path / "fold_0" / "model.pt"
+    save_checkpoint(path, res, {"magnification": 20.0, "backbone": "digits", "n": np.int64(3)})
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
+    model, ckpt = load_checkpoint(path)  # weights_only=True inside
+    torch.load(path, weights_only=True)
+    assert ckpt["classes"] == CLASSES and ckpt["model_name"] == "abmil" and ckpt["in_dim"] == 64
+    assert ckpt["model_kwargs"] == {"hidden": 64, "gated": True}
+    assert ckpt["best_epoch"] == res.best_epoch and ckpt["fold"] == 0 and ckpt["n"] == 3
+    assert not model.training
+    for sid in splits["slide_id"][::25]:
+        p0, a0 = predict_bag(res.model, ckpt, bags[sid])
+        p1, a1 = predict_bag(model, ckpt, bags[sid])
+        np.testing.assert_array_equal(p0, p1)
+        np.testing.assert_array_equal(a0, a1)
+        row = res.predictions.set_index("slide_id").loc[sid, ["prob_other", "prob_nine"]].to_numpy(float)
+        np.testing.assert_allclose(p1, row, rtol=1e-6)
+    with pytest.raises(TypeError, match="cannot store"):
+        save_checkpoint(tmp_path / "bad.pt", res, {"obj": object()})
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def small_problem(seed=0, n=24, dim=12):
+    """Bags of Gaussian instances; positive bags hold a few shifted instances."""
+    rng = np.random.default_rng(seed)
+    bags, rows = {}, []
+    for i in range(n):
+        x = rng.normal(size=(int(rng.integers(3, 9)), dim)).astype(np.float32) * 5 + 100
+        label = i % 2
+        if label:
+            x[: int(rng.integers(1, 3)), :3] += 10
+        split = "train" if i < n * 0.6 else ("val" if i < n * 0.8 else "test")
+        bags[f"s{i}"] = x
+        rows.append(dict(fold=2, slide_id=f"s{i}", patient_id=f"p{i}", label=["neg", "pos"][label], split=split))
+    return bags, pd.DataFrame(rows)
+
+
+def test_cpu_determinism():
+    bags, splits = small_problem()
+    kw = dict(epochs=4, patience=10, seed=1, device="cpu", lr=1e-3)
+    a = train_fold(bags, splits, ["neg", "pos"], "abmil", {"hidden": 16}, **kw)
+    b = train_fold(bags, splits, ["neg", "pos"], "abmil", {"hidden": 16}, **kw)
+    pd.testing.assert_frame_equal(a.history.drop(columns="seconds"), b.history.drop(columns="seconds"))
+    pd.testing.assert_frame_equal(a.predictions, b.predictions)
+    c = train_fold(bags, splits, ["neg", "pos"], "abmil", {"hidden": 16}, **{**kw, "seed": 2})
+    assert not np.allclose(a.history["train_loss"], c.history["train_loss"])
+    assert not torch.are_deterministic_algorithms_enabled()  # global state restored
+
+
+def test_empty_bag_skipped(caplog):
+    bags, splits = small_problem()
+    bags["s3"] = np.zeros((0, 12), np.float32)  # train
+    bags["s21"] = np.zeros((0, 12), np.float32)  # test
+    with caplog.at_level(logging.WARNING, logger="slidesnake.training"):
+        res = train_fold(bags, splits, ["neg", "pos"], "abmil", {"hidden": 8}, epochs=2, device="cpu")
+    assert "s3" in caplog.text and "s21" in caplog.text and "empty bag" in caplog.text
+    assert set(res.predictions["slide_id"]) == set(splits["slide_id"]) - {"s3", "s21"}
+    assert res.skipped == ["s3", "s21"]
+
+
+def test_input_errors():
+    bags, splits = small_problem()
+    with pytest.raises(KeyError, match="no features for slide"):
+        train_fold({k: v for k, v in bags.items() if k != "s0"}, splits, ["neg", "pos"], epochs=1)
+    with pytest.raises(ValueError, match="not in classes"):
+        train_fold(bags, splits, ["neg", "other"], epochs=1)
+    with pytest.raises(ValueError, match="one fold"):
+        train_fold(bags, pd.concat([splits, splits.assign(fold=3)]), ["neg", "pos"], epochs=1)
+    with pytest.raises(ValueError, match="optimizer"):
+        train_fold(bags, splits, ["neg", "pos"], optimizer="sgd", epochs=1)
+
+
+def test_auto_class_weights():
+    log = logging.getLogger("test")
+    w = _class_weights("auto", np.array([0, 0, 0, 1]), ["a", "b"], log)
+    np.testing.assert_allclose(w, [4 / 6, 2.0])
+    assert (w * np.bincount([0, 0, 0, 1])).sum() == pytest.approx(4)  # mean weight per bag is 1
+    np.testing.assert_allclose(_class_weights([1, 2], np.array([0]), ["a", "b"], log), [1, 2])
+    np.testing.assert_allclose(_class_weights("none", np.array([0]), ["a", "b"], log), [1, 1])
+    with pytest.raises(ValueError, match="one per class"):
+        _class_weights([1], np.array([0]), ["a", "b"], log)
+
+
+def test_train_script_on_zarr_stores(tmp_path):
+    from slidesnake.store import write_store
+
+    bags, splits = small_problem(dim=8)
+    stores = []
+    for sid, x in bags.items():
+        n = len(x)
+        grid = {"features": x, "coords": np.zeros((n, 2)), "size": np.ones((n, 2)), "grid": np.zeros((n, 2)),
+                "tile_id": np.arange(n)}
+        noise = {**grid, "features": np.full_like(x, 7.0)}
+        write_store(tmp_path / "features" / f"{sid}.zarr", {"slide_id": sid}, {20.0: grid, 5.0: noise},
+                    feature_dtype="float32")
+        stores.append(str(tmp_path / "features" / f"{sid}.zarr"))
+    loaded = load_bags(stores, 20, ["s1", "s2"])
+    np.testing.assert_array_equal(loaded["s1"], bags["s1"])
+    with pytest.raises(ValueError, match="no features at 10x"):
+        load_bags(stores, 10.0, ["s1"])
+
+    splits_csv = tmp_path / "splits.csv"
+    pd.concat([splits.assign(fold=0), splits.assign(fold=1)]).to_csv(splits_csv, index=False)
+    out = tmp_path / "models" / "abmil" / "fold_0"
+    sm = SimpleNamespace(
+        input=SimpleNamespace(splits=str(splits_csv), features=stores),
+        output=SimpleNamespace(model=str(out / "model.pt"), history=str(out / "history.csv"),
+                               predictions=str(out / "predictions.csv")),
+        params=SimpleNamespace(fold=0, model="abmil", model_kwargs={"hidden": 8}, classes=["neg", "pos"],
+                               magnification=20,
+                               training={"epochs": 2, "lr": 1e-3, "device": "cpu", "class_weights": "auto"}),
+        threads=1, log=[str(tmp_path / "logs" / "train.log")],
+    )
+    runpy.run_path(str(SCRIPTS / "train.py"), init_globals={"snakemake": sm})
+    hist = pd.read_csv(out / "history.csv")
+    assert len(hist) == 2
+    pred = pd.read_csv(out / "predictions.csv")
+    assert len(pred) == len(splits)
+    model, ckpt = load_checkpoint(out / "model.pt")
+    assert ckpt["magnification"] == 20.0 and ckpt["fold"] == 0
+    probs, att = predict_bag(model, ckpt, bags["s0"])
+    np.testing.assert_allclose(probs, pred.loc[pred["slide_id"] == "s0", ["prob_neg", "prob_pos"]].to_numpy()[0],
+                               rtol=1e-5)
+    assert "epoch   2/2" in (tmp_path / "logs" / "train.log").read_text()
