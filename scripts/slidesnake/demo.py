@@ -85,8 +85,12 @@ TUMOUR_NUCLEUS_HAEMATOXYLIN = (1.15, 2.05)
 NUCLEUS_HAEMATOXYLIN_MAX = 2.2
 #: Fraction of the eosin background hidden under a nucleus.
 NUCLEUS_EOSIN_MASK = 0.65
-#: Relative amplitude of per-pixel grain in eosin and of chromatin texture in nuclei.
-GRAIN_AMPLITUDE = 0.10
+#: Per-pixel grain of the eosin background, relative and absolute (fine texture matters: tissue
+#: filters such as CMA-MIL's edge density expect real tissue to score far above glass), its
+#: blur (pixels), and the relative chromatin texture of nuclei.
+GRAIN_RELATIVE = 0.25
+GRAIN_ABSOLUTE = 0.04
+GRAIN_BLUR_PX = 0.5
 CHROMATIN_AMPLITUDE = 0.22
 #: Faint low-frequency shading of the glass (RGB levels).
 GLASS_SHADING = 2.0
@@ -312,7 +316,7 @@ def _polygon_coverage(
 
 
 def _star_polygon(rng: np.random.Generator, n_vertices: int = 48) -> np.ndarray:
-    """Irregular star-shaped unit polygon (radius about 0.7-1.3), counter-clockwise."""
+    """Irregular star-shaped unit polygon (radius about 0.7-1.3), vertices by increasing angle."""
     phi = np.linspace(0.0, 2.0 * np.pi, n_vertices, endpoint=False)
     harmonics = np.arange(2, 6)
     amps = rng.uniform(0.3, 1.0, len(harmonics)) / harmonics
@@ -739,7 +743,8 @@ class HEScene:
             tumour_eosin *= tumour
             eosin += tumour_eosin
             haem += np.float32(TUMOUR_HAEMATOXYLIN - STROMA_HAEMATOXYLIN) * tumour
-        eosin *= grain * np.float32(GRAIN_AMPLITUDE) + np.float32(1.0)
+        eosin *= grain * np.float32(GRAIN_RELATIVE) + np.float32(1.0)
+        eosin += grain * np.float32(GRAIN_ABSOLUTE)
 
         nuclei = self._nuclei_grid(x, y, width, height, ds, tumour)
         if nuclei is not None:
@@ -776,7 +781,7 @@ def _grain_table(rng: np.random.Generator, size: int = 509) -> np.ndarray:
     """Periodic (prime period, so invisible against 2^k tiles) slightly blurred unit-std noise."""
     table = rng.standard_normal((size, size)).astype(np.float32)
     pad = 4  # blur with wrap-around so the table stays seamless
-    table = cv2.GaussianBlur(np.pad(table, pad, mode="wrap"), (0, 0), 0.7)[pad:-pad, pad:-pad]
+    table = cv2.GaussianBlur(np.pad(table, pad, mode="wrap"), (0, 0), GRAIN_BLUR_PX)[pad:-pad, pad:-pad]
     return table / table.std()
 
 

@@ -1,0 +1,138 @@
+"""End-to-end Snakemake runs on a tiny generated cohort (and on a real slide from ../shared)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from slidesnake.demo import make_cohort
+from slidesnake.store import open_store
+from conftest import REPO
+
+K = 3
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"),
+           "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def write_config(workdir: Path, **overrides) -> None:
+    cfg = {
+        "samples": "cohort/samples.tsv",
+        "classes": ["normal", "tumour"],
+        "splits": {"k": K},
+        "features": {"backbone": "resnet18_trunc", "batch_size": 16, "num_workers": 0, "threads": 1},
+        "training": {"epochs": 8, "patience": 3, "min_epochs": 2, "threads": 1},
+        "tissue": {"threads": 1},
+    }
+    for key, value in overrides.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("e2e")
+    # Paths in the sheet are relative to the working directory, as a user's would be.
+    sheet = make_cohort(workdir / "cohort", n_patients=6, size=1600, seed=3)
+    sheet["path"] = [str(Path(p).relative_to(workdir)) for p in sheet["path"]]
+    sheet.to_csv(workdir / "cohort" / "samples.tsv", sep="\t", index=False)
+    write_config(workdir)
+    dry = snakemake(workdir, "-n")
+    snakemake(workdir, "--cores", "2")
+    return workdir, sheet, dry.stdout + dry.stderr
+
+
+def job_counts(text: str) -> dict[str, int]:
+    """Snakemake's 'Job stats' table of a dry run as {rule: count}."""
+    lines = text.split("Job stats:", 1)[1].splitlines()[3:]
+    counts = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_dry_run_lists_every_rule(run):
+    _, sheet, dry = run
+    n = len(sheet)
+    assert job_counts(dry) == {"tile": n, "filter_tissue": n, "extract_features": n, "make_splits": 1,
+                               "train": K, "summarize": 1, "heatmap": n, "all": 1}
+
+
+def test_every_output_present_and_well_formed(run):
+    workdir, sheet, _ = run
+    res = workdir / "results"
+    for sid in sheet["slide_id"]:
+        tiles = pd.read_parquet(res / "tissue" / sid / "tiles.parquet")
+        kept = tiles[tiles["keep"]]
+        store = open_store(res / "features" / "resnet18_trunc" / f"{sid}.zarr")
+        assert store.features(20).shape == (len(kept), 256)
+        assert np.array_equal(store.coords(20), kept[["x", "y"]].to_numpy())
+        assert np.array_equal(store.tile_ids(20), kept["tile_id"].to_numpy())
+        assert store.attrs["backbone"] == "resnet18_trunc" and store.attrs["weights"] == "none"
+        assert (res / "qc" / sid / "thumbnail.png").stat().st_size > 0
+        assert (res / "heatmaps" / "abmil" / f"{sid}.png").stat().st_size > 10_000
+        assert (workdir / "logs" / "tile" / f"{sid}.log").exists()
+        assert (workdir / "benchmarks" / "tile" / f"{sid}.tsv").exists()
+    # No temporary leftovers anywhere.
+    assert not [p for p in res.rglob(".tmp-*")]
+
+
+def test_folds_patient_disjoint_and_summary_complete(run):
+    workdir, sheet, _ = run
+    splits = pd.read_csv(workdir / "results" / "splits" / "splits.csv", dtype=str)
+    for fold, g in splits.groupby("fold"):
+        parts = [set(g.loc[g["split"] == s, "patient_id"]) for s in ("train", "val", "test")]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2]), fold
+    tested = splits[splits["split"] == "test"]["slide_id"]
+    assert sorted(tested) == sorted(sheet["slide_id"])  # every slide tested exactly once
+    summary = pd.read_csv(workdir / "results" / "summary" / "abmil" / "summary.csv", dtype={"fold": str})
+    assert set(summary["fold"]) == {*map(str, range(K)), "mean", "sd"}
+    assert summary[["auc", "balanced_accuracy", "f1"]].notna().all().all()
+    oof = pd.read_csv(workdir / "results" / "summary" / "abmil" / "predictions.csv")
+    assert sorted(oof["slide_id"]) == sorted(sheet["slide_id"])
+    for fold in range(K):
+        hist = pd.read_csv(workdir / "results" / "models" / "abmil" / f"fold_{fold}" / "history.csv")
+        assert len(hist) >= 2 and hist["val_loss"].notna().all()
+
+
+def test_rerun_does_nothing(run):
+    workdir, _, _ = run
+    out = snakemake(workdir, "-n")
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_lint_is_clean(run):
+    workdir, _, _ = run
+    out = snakemake(workdir, "--lint")
+    assert "Congratulations" in out.stdout + out.stderr
+
+
+def test_real_slide_tiles_and_extracts(tmp_path, cmu_small):
+    (tmp_path / "samples.tsv").write_text(
+        "slide_id\tpatient_id\tlabel\tpath\n"
+        f"CMU-1-Small\tP1\ttumour\t{cmu_small}\n")
+    write_config(tmp_path, samples="samples.tsv")
+    target = "results/features/resnet18_trunc/CMU-1-Small.zarr"
+    snakemake(tmp_path, "--cores", "2", target)
+    meta = yaml.safe_load((tmp_path / "results" / "tiles" / "CMU-1-Small" / "slide.json").read_text())
+    assert meta["vendor"] == "aperio" and meta["mpp"] == pytest.approx(0.499)
+    assert meta["objective_power"] == 20 and meta["mpp_source"] == "openslide.mpp-x"
+    store = open_store(tmp_path / target)
+    kept = pd.read_parquet(tmp_path / "results" / "tissue" / "CMU-1-Small" / "tiles.parquet")["keep"].sum()
+    assert store.features(20).shape == (kept, 256) and kept >= 40
+    assert np.isfinite(store.features(20)).all()
