@@ -72,3 +72,20 @@ def test_reader_matches_read_region(cmu_small):
     tile = TileReader(cmu_small, 224).read(t.dz_tile_size, t.dz_level, t.col, t.row)
     ref = np.asarray(slide.read_region((int(t.x), int(t.y)), 0, (224, 224)).convert("RGB"))
     assert np.abs(tile.astype(int) - ref.astype(int)).mean() < 1.0
+
+
+def test_parent_indices_follow_containment(cmu_small):
+    from slidesnake.tiling import parent_indices
+
+    _, _, grid, _ = _grid(cmu_small, [20, 10, 5])
+    fine, coarse = grid[grid.magnification == 20], grid[grid.magnification == 5]
+    coarse = coarse.sample(frac=1.0, random_state=1)  # order must not matter
+    par = parent_indices(fine[["x", "y"]], fine[["w", "h"]], coarse[["x", "y"]], coarse[["w", "h"]])
+    for (x, y, w, h), p in zip(fine[["x", "y", "w", "h"]].to_numpy(), par):
+        cx, cy = x + w / 2, y + h / 2
+        if p < 0:  # the centre lies in a dropped partial coarse tile
+            assert not ((coarse.x <= cx) & (cx < coarse.x + coarse.w) & (coarse.y <= cy) & (cy < coarse.y + coarse.h)).any()
+        else:
+            c = coarse.iloc[p]
+            assert c.x <= cx < c.x + c.w and c.y <= cy < c.y + c.h
+    assert (par >= 0).sum() > 0

@@ -169,3 +169,34 @@ class TileReader:
         if tile.size != (out, out):
             tile = tile.resize((out, out), Image.BILINEAR)
         return np.asarray(tile)
+
+
+def parent_indices(fine_xy: np.ndarray, fine_wh: np.ndarray, coarse_xy: np.ndarray,
+                   coarse_wh: np.ndarray) -> np.ndarray:
+    """For each fine tile, the row of the coarse tile that contains its centre (-1 if none).
+
+    All boxes are level-0 (x, y, w, h). Coarse tiles of one grid do not overlap (overlap 0) or
+    overlap by a margin; the first containing row wins. Vectorised via the coarse grid's own
+    regular spacing, so it is linear in the number of tiles.
+    """
+    fine_xy, fine_wh = np.asarray(fine_xy, np.int64), np.asarray(fine_wh, np.int64)
+    coarse_xy, coarse_wh = np.asarray(coarse_xy, np.int64), np.asarray(coarse_wh, np.int64)
+    out = np.full(len(fine_xy), -1, dtype=np.int64)
+    if len(fine_xy) == 0 or len(coarse_xy) == 0:
+        return out
+    centre = fine_xy * 2 + fine_wh  # doubled, to stay in integers
+    lo, hi = coarse_xy * 2, (coarse_xy + coarse_wh) * 2
+    # Sort coarse tiles by x so each fine centre only checks candidates whose x-range covers it.
+    order = np.argsort(lo[:, 0], kind="stable")
+    lo_sorted = lo[order, 0]
+    width = int((hi[:, 0] - lo[:, 0]).max())
+    start = np.searchsorted(lo_sorted, centre[:, 0] - width, side="left")
+    stop = np.searchsorted(lo_sorted, centre[:, 0], side="right")
+    for i in range(len(fine_xy)):
+        cand = order[start[i]:stop[i]]
+        inside = ((lo[cand, 0] <= centre[i, 0]) & (centre[i, 0] < hi[cand, 0])
+                  & (lo[cand, 1] <= centre[i, 1]) & (centre[i, 1] < hi[cand, 1]))
+        hit = cand[inside]
+        if len(hit):
+            out[i] = hit.min()
+    return out
