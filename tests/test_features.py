@@ -16,8 +16,6 @@ from slidesnake.backbones import create_backbone
 from slidesnake.features import TileDataset, extract_slide, open_store
 
 REPO = Path(__file__).resolve().parents[1]
-SLIDE = REPO.parent / "shared" / "data" / "slides" / "real" / "aperio" / "CMU-1-Small-Region.svs"
-pytestmark = pytest.mark.skipif(not SLIDE.is_file(), reason=f"real test slide not found: {SLIDE}")
 TILE = 224
 COMMON = dict(backbone="resnet18_trunc", weights="none", tile_size=TILE, overlap=0, limit_bounds=True)
 
@@ -33,13 +31,13 @@ def _grid(dz, mag, level, dz_tile_size, addresses, keep):
     return rows
 
 
-@pytest.fixture(scope="module")
-def tiles():
+@pytest.fixture
+def tiles(cmu_small):
     """20x: 10 tiles (8 kept); 15x (dz_tile_size 299, resized): 2 kept; 5x: 2 tiles, none kept."""
     import openslide
     from openslide.deepzoom import DeepZoomGenerator
 
-    with openslide.OpenSlide(str(SLIDE)) as slide:
+    with openslide.OpenSlide(str(cmu_small)) as slide:
         dz224 = DeepZoomGenerator(slide, tile_size=TILE, overlap=0, limit_bounds=True)
         dz299 = DeepZoomGenerator(slide, tile_size=299, overlap=0, limit_bounds=True)
         top = dz224.level_count - 1
@@ -53,14 +51,14 @@ def tiles():
     return df.sample(frac=1.0, random_state=0)  # extract_slide must order rows by tile_id itself
 
 
-def _run(tiles, out, **kw):
-    return extract_slide(SLIDE, tiles, out, slide_id="CMU-1-Small-Region", device="cpu",
+def _run(slide, tiles, out, **kw):
+    return extract_slide(slide, tiles, out, slide_id="CMU-1-Small-Region", device="cpu",
                          extra_attrs={"mpp": np.float64(0.499), "objective_power": 20}, **COMMON, **kw)
 
 
-def test_extract_slide(tmp_path, tiles, caplog, monkeypatch):
+def test_extract_slide(tmp_path, cmu_small, tiles, caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="slidesnake"):
-        summary = _run(tiles, tmp_path / "a.zarr", batch_size=4, num_workers=0, threads=2)
+        summary = _run(cmu_small, tiles, tmp_path / "a.zarr", batch_size=4, num_workers=0, threads=2)
     assert summary["n_tiles"] == 10 and summary["n_tiles_per_magnification"] == {
         "5x": 0, "15x": 2, "20x": 8}
     assert "10/10 tiles (100%)" in caplog.text
@@ -91,7 +89,7 @@ def test_extract_slide(tmp_path, tiles, caplog, monkeypatch):
 
     # The first 20x row is the backbone applied to that tile, normalised by hand.
     first = ordered[(ordered.magnification == 20.0) & ordered.keep].iloc[0]
-    img = TileDataset(SLIDE, first.to_frame().T, TILE)[0].float() / 255
+    img = TileDataset(cmu_small, first.to_frame().T, TILE)[0].float() / 255
     bb = create_backbone("resnet18_trunc")
     x = (img - torch.tensor(bb.mean).view(3, 1, 1)) / torch.tensor(bb.std).view(3, 1, 1)
     with torch.inference_mode():
@@ -101,14 +99,14 @@ def test_extract_slide(tmp_path, tiles, caplog, monkeypatch):
     # Other batch size, with worker processes (each opening its own slide handle), and Zarr chunks
     # of 3 rows (so rows are written chunk by chunk across batches): same features.
     monkeypatch.setattr(features, "CHUNK_ROWS", 3)
-    _run(tiles, tmp_path / "b.zarr", batch_size=3, num_workers=2)
+    _run(cmu_small, tiles, tmp_path / "b.zarr", batch_size=3, num_workers=2)
     other = open_store(tmp_path / "b.zarr")
     assert other.root["20x"]["features"].chunks == (3, 256)
     for mag in (15.0, 20.0):
         np.testing.assert_allclose(other.features(mag), store.features(mag), rtol=2e-3, atol=2e-3)
 
 
-def test_failed_extraction_leaves_nothing(tmp_path, tiles, monkeypatch):
+def test_failed_extraction_leaves_nothing(tmp_path, cmu_small, tiles, monkeypatch):
     read = TileDataset.__getitem__
 
     def flaky(self, i):
@@ -118,13 +116,13 @@ def test_failed_extraction_leaves_nothing(tmp_path, tiles, monkeypatch):
 
     monkeypatch.setattr(TileDataset, "__getitem__", flaky)
     with pytest.raises(OSError, match="simulated"):
-        _run(tiles, tmp_path / "s.zarr", batch_size=2, num_workers=0)
+        _run(cmu_small, tiles, tmp_path / "s.zarr", batch_size=2, num_workers=0)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_no_kept_tiles_writes_empty_store(tmp_path, tiles, caplog):
+def test_no_kept_tiles_writes_empty_store(tmp_path, cmu_small, tiles, caplog):
     with caplog.at_level(logging.WARNING):
-        summary = _run(tiles.assign(keep=False), tmp_path / "e.zarr", num_workers=0)
+        summary = _run(cmu_small, tiles.assign(keep=False), tmp_path / "e.zarr", num_workers=0)
     assert summary["n_tiles"] == 0 and "no kept tiles" in caplog.text
     store = open_store(tmp_path / "e.zarr")
     assert store.magnifications == [5.0, 15.0, 20.0]
@@ -144,14 +142,14 @@ def restore_logging():
     root.setLevel(saved[1])
 
 
-def test_snakemake_script(tmp_path, tiles, restore_logging):
+def test_snakemake_script(tmp_path, cmu_small, tiles, restore_logging):
     tiles.assign(keep=tiles.magnification == 15.0).to_parquet(tmp_path / "tiles.parquet")
-    meta = {"slide_id": "S1", "path": str(SLIDE), "mpp": 0.499, "mpp_source": "openslide.mpp-x",
+    meta = {"slide_id": "S1", "path": str(cmu_small), "mpp": 0.499, "mpp_source": "openslide.mpp-x",
             "objective_power": 20.0, "objective_source": "openslide.objective-power",
             "tile_size": TILE, "overlap": 0, "limit_bounds": True}
     (tmp_path / "slide.json").write_text(json.dumps(meta))
     sm = SimpleNamespace(
-        input=SimpleNamespace(slide=str(SLIDE), tiles=str(tmp_path / "tiles.parquet"),
+        input=SimpleNamespace(slide=str(cmu_small), tiles=str(tmp_path / "tiles.parquet"),
                               meta=str(tmp_path / "slide.json")),
         output=SimpleNamespace(store=str(tmp_path / "out" / "S1.zarr")),
         params=SimpleNamespace(backbone="resnet18_trunc", weights="none", batch_size=8, num_workers=0,

@@ -51,3 +51,14 @@ def test_write_table_and_json(tmp_path):
     assert pd.read_csv(tmp_path / "t.tsv", sep="\t").equals(df)
     write_json({"k": 1}, tmp_path / "m.json")
     assert (tmp_path / "m.json").read_text().strip().startswith("{")
+
+
+def test_leftover_of_killed_attempt_is_removed(tmp_path):
+    target = tmp_path / "store.zarr"
+    stale = tmp_path / f".tmp-999999-{target.name}"
+    stale.mkdir()
+    (stale / "half").write_text("x")
+    (tmp_path / ".tmp-1-other.zarr").mkdir()  # another output's temporary is left alone
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+    assert sorted(os.listdir(tmp_path)) == [".tmp-1-other.zarr", "store.zarr"]

@@ -38,8 +38,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of a killed earlier attempt at this output (Snakemake never runs two jobs for the
+    # same output at once, so any temporary of this name is stale).
+    for stale in path.parent.glob(f".tmp-*-{path.name}"):
+        _remove(stale)
     tmp = _tmp_name(path)
-    _remove(tmp)
     try:
         yield tmp
         if tmp.is_dir():
