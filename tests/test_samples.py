@@ -39,3 +39,23 @@ def test_every_problem_reported_at_once_with_rows(tmp_path):
 def test_missing_required_column(tmp_path):
     with pytest.raises(SampleSheetError, match="missing column"):
         read_sheet(_sheet(tmp_path, [["a", "t", "p"]], header="slide_id\tlabel\tpath"))
+
+
+def test_schema_problems_of_all_rows(tmp_path):
+    from conftest import REPO
+
+    rows = [["ok", "p1", "tumour", "a.svs", "", ""],
+            ["../evil", "p2", "tumour", "b.svs", "", ""],
+            ["c", "p3", "normal", "c.svs", "", "-1"],
+            ["d/e", "p4", "normal", "d.svs", "", "abc"]]
+    df = read_sheet(_sheet(tmp_path, rows))
+    with pytest.raises(SampleSheetError) as err:
+        check_sheet(df, ["normal", "tumour"], check_paths=False,
+                    schema=REPO / "workflow" / "schemas" / "samples.schema.yaml")
+    problems = err.value.problems
+    assert any(p.startswith("row 2 (slide '../evil'): column 'slide_id'") and "no path separators" in p
+               for p in problems)
+    assert any(p.startswith("row 3 (slide 'c'): column 'mpp'") for p in problems)
+    assert any(p.startswith("row 4 (slide 'd/e'): column 'slide_id'") for p in problems)
+    assert any(p.startswith("row 4 (slide 'd/e'): column 'mpp'") for p in problems)
+    assert not any(p.startswith("row 1 ") for p in problems)

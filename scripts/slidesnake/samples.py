@@ -35,6 +35,25 @@ def read_sheet(path: str | os.PathLike) -> pd.DataFrame:
     return df.set_index("slide_id", drop=False)
 
 
+def schema_problems(df: pd.DataFrame, schema_path: str | os.PathLike) -> list[str]:
+    """Every row's violations of the row schema (Snakemake's own validation stops at the first)."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = []
+    for i, record in enumerate(df.to_dict("records")):
+        record = {k: v for k, v in record.items() if not (isinstance(v, float) and pd.isna(v))}
+        for err in sorted(validator.iter_errors(record), key=lambda e: list(e.path)):
+            column = err.path[0] if err.path else None
+            hint = schema["properties"].get(column, {}).get("description", "") if column else ""
+            where = f"row {i + 1} (slide {record.get('slide_id', '?')!r})"
+            what = f"column {column!r}: {err.message}" if column else err.message
+            problems.append(f"{where}: {what}" + (f"; {hint}" if hint else ""))
+    return problems
+
+
 def missing_files(df: pd.DataFrame) -> dict[str, str]:
     """slide_id -> problem line, for every row whose file does not exist."""
     return {
@@ -45,9 +64,12 @@ def missing_files(df: pd.DataFrame) -> dict[str, str]:
 
 
 def check_sheet(df: pd.DataFrame, classes: list[str], sheet: str = "sample sheet",
-                check_paths: bool = True) -> None:
-    """Raise SampleSheetError listing every cross-row problem (rows numbered from 1 after the header)."""
-    problems = []
+                check_paths: bool = True, schema: str | os.PathLike | None = None) -> None:
+    """Raise SampleSheetError listing every problem at once (rows numbered from 1 after the header).
+
+    With ``schema`` (workflow/schemas/samples.schema.yaml) each row is also checked against it.
+    """
+    problems = schema_problems(df, schema) if schema else []
     for sid in df["slide_id"][df["slide_id"].duplicated()].unique():
         problems.append(f"slide_id {sid!r} appears more than once; slide ids must be unique")
     for i, r in enumerate(df.itertuples(index=False)):

@@ -12,10 +12,12 @@ from slidesnake.samples import SampleSheetError, check_sheet, missing_files, rea
 validate(config, schema="../schemas/config.schema.yaml")
 
 samples = read_sheet(config["samples"])
+# Every row against the schema and the cross-row checks, all problems reported at once. Missing
+# slide files are reported (all at once) when a job needs one, so that linting and dry runs of
+# other targets work before the slides are in place.
+check_sheet(samples, config["classes"], sheet=config["samples"], check_paths=False,
+            schema=os.path.join(workflow.basedir, "schemas", "samples.schema.yaml"))
 validate(samples, schema="../schemas/samples.schema.yaml")
-# Cross-row checks. Missing slide files are reported (all at once) when a job needs one, so that
-# linting and dry runs of other targets work before the slides are in place.
-check_sheet(samples, config["classes"], sheet=config["samples"], check_paths=False)
 MISSING = missing_files(samples)
 
 OUT = config["outdir"]
