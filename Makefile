@@ -4,13 +4,20 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CORES  ?= all
 DEMO   ?= resources/demo
+DEMO_MULTISTAIN ?= resources/demo_multistain
+XDG_CONFIG_HOME ?= $(HOME)/.config
 
-.PHONY: demo demo-data test lint dry-run report clean help
+.PHONY: demo demo-data test lint dry-run report clean help slurm-profile demo-cma demo-multistain demo-multistain-data bench-features bench-tiling
 
 help:
 	@echo "make demo   - create $(VENV), generate the demo cohort, run the whole pipeline on it"
+	@echo "make demo-cma        - the demo cohort with cma_mil at 5x/10x/20x (results/demo_cma)"
+	@echo "make demo-multistain - a multi-stain (HE + IHC) demo cohort with hier_multistain (results/demo_multistain)"
 	@echo "make test   - create $(VENV) with test extras and run the test suite"
 	@echo "make lint   - snakemake --lint on the demo configuration"
+	@echo "make bench-features - feature extraction vs the backbone alone and a naive loader (BENCH_ARGS='--size 8000' for a quick run)"
+	@echo "make bench-tiling - tiling + tissue filtering of a 100k x 100k px slide: time, tiles/s, peak memory"
+	@echo "make slurm-profile - link workflow/profiles/slurm to $(XDG_CONFIG_HOME)/snakemake/slurm (--profile slurm)"
 
 # The environment: re-installed when pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -25,8 +32,29 @@ demo-data: $(BIN)/.installed
 demo: demo-data
 	$(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES)
 
+demo-cma: demo-data
+	$(BIN)/snakemake --configfile config/demo.yaml --configfile config/demo_cma.yaml --cores $(CORES)
+
+demo-multistain-data: $(BIN)/.installed
+	$(BIN)/python -m slidesnake.demo --out $(DEMO_MULTISTAIN) --stains HE IHC --size 3000
+
+demo-multistain: demo-multistain-data
+	$(BIN)/snakemake --configfile config/demo.yaml --configfile config/demo_multistain.yaml --cores $(CORES)
+
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
+
+# Feature extraction benchmark (docs/benchmarks.md): builds a 60k x 60k synthetic slide once under
+# results/bench/, runs on CUDA when present, else CPU. E.g. BENCH_ARGS='--backbone resnet18_trunc --repeats 3'.
+BENCH_ARGS ?=
+bench-features: $(BIN)/.installed
+	$(BIN)/python scripts/bench/bench_features.py $(BENCH_ARGS)
+
+# Tiling + tissue filtering benchmark (docs/benchmarks.md): writes a 100k x 100k px slide once
+# (about 1.6 GB, a few minutes) under /tmp/slidesnake-bench, then runs rules tile and filter_tissue
+# under /usr/bin/time -v. E.g. BENCH_TILING_ARGS='--size 20000 --cores 4'.
+bench-tiling: $(BIN)/.installed
+	$(BIN)/python scripts/bench/bench_tiling.py $(BENCH_TILING_ARGS)
 
 lint: demo-data
 	$(BIN)/snakemake --configfile config/demo.yaml --lint
@@ -36,6 +64,13 @@ dry-run: demo-data
 
 report: $(BIN)/.installed
 	$(BIN)/snakemake --configfile config/demo.yaml --report report.html
+
+# `snakemake --profile slurm` looks in ./slurm, $XDG_CONFIG_HOME/snakemake/slurm and /etc/xdg/snakemake/slurm.
+slurm-profile:
+	@mkdir -p $(XDG_CONFIG_HOME)/snakemake
+	@if [ -e $(XDG_CONFIG_HOME)/snakemake/slurm ] && [ ! -L $(XDG_CONFIG_HOME)/snakemake/slurm ]; then \
+	  echo "$(XDG_CONFIG_HOME)/snakemake/slurm exists and is not a link; move it away first" >&2; exit 1; fi
+	ln -sfn $(CURDIR)/workflow/profiles/slurm $(XDG_CONFIG_HOME)/snakemake/slurm
 
 clean:
 	rm -rf results logs benchmarks .snakemake report.html

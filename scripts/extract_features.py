@@ -25,6 +25,7 @@ summary = extract_slide(
     num_workers=sm.params.num_workers,
     device=sm.params.device,
     feature_dtype=sm.params.feature_dtype,
+    compile=getattr(sm.params, "compile", False),
     threads=sm.threads,
     extra_attrs={"mpp": meta["mpp"], "mpp_source": meta.get("mpp_source"),
                  "objective_power": meta["objective_power"],

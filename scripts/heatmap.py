@@ -3,44 +3,68 @@
 import numpy as np
 import pandas as pd
 
-from slidesnake.heatmap import normalise, oof_fold, render, score_map
+from slidesnake.heatmap import (attention_layers, case_weights, heatmap_bag, normalise, oof_fold, render,
+                                render_panels, score_map)
 from slidesnake.io import save_figure, setup_logging
+from slidesnake.samples import read_sheet
 from slidesnake.slide import open_slide
 from slidesnake.store import open_store
-from slidesnake.training import load_checkpoint, predict_bag
+from slidesnake.training import load_checkpoint, predict_output
 
 sm = snakemake  # noqa: F821
 log = setup_logging(sm.log[0])
 p, slide_id = sm.params, sm.wildcards.slide
 store = open_store(sm.input.store)
-feats, coords, size = store.features(p.magnification), store.coords(p.magnification), store.size(p.magnification)
 splits = pd.read_csv(sm.input.splits, dtype={"slide_id": str, "patient_id": str})
 
 fold = oof_fold(splits, slide_id)
-models = {int(path.split("fold_")[-1].split("/")[0]): path for path in sm.input.models}
+models = {int(path.split("fold_")[-1].split("/")[0]): path for path in sm.params.models}
 use = [fold] if fold is not None else sorted(models)
 log.info("%s: %s", slide_id, f"out-of-fold model of fold {fold}" if fold is not None
          else f"ensemble of folds {use} (slide in no test split)")
-probs, att = [], []
+mag = float(p.magnification)
+probs, att, bars, bag, bag_type = [], [], None, None, None
 for f in use:
     model, ckpt = load_checkpoint(models[f])
-    if len(feats):
-        pr, a = predict_bag(model, ckpt, feats)
+    if bag_type is None:  # the bag the model reads (slide, slide at every magnification, or case)
+        bag_type = model.bag_type
+        bag, boxes = heatmap_bag(
+            bag_type, store, magnification=mag, magnifications=ckpt.get("magnifications") or p.magnifications,
+            slide_id=slide_id, case_stores=list(sm.input.case_stores),
+            samples=read_sheet(sm.input.samples) if bag_type == "hierarchical" else None)
+        if bag_type == "flat" and not len(bag):
+            bag = None
+    if bag is not None:
+        pr, out = predict_output(model, ckpt, bag)
+        layers = attention_layers(out, bag_type, mag, slide_id)
         probs.append(pr)
-        att.append(a)
+        if layers:
+            att.append(layers)
+        if bag_type == "hierarchical" and f == use[0]:
+            bars = case_weights(out, slide_id)
 classes = ckpt["classes"]
 
 slide = open_slide(sm.input.slide, slide_id)
 thumb = slide.get_thumbnail((p.thumbnail_size, p.thumbnail_size)).convert("RGB")
-if att:
-    attention = normalise(np.mean(att, axis=0), *p.percentiles)
-    amap = score_map(coords, size, attention, slide.dimensions, thumb.size)
+maps = {}
+for m in (att[0] if att else {}):  # fold ensemble (slide in no test split): mean attention
+    attention = normalise(np.mean([a[m] for a in att], axis=0), *p.percentiles)
+    coords, size = boxes[m]
+    maps[f"attention at {m:g}x (percentile-normalised)"] = score_map(coords, size, attention, slide.dimensions,
+                                                                     thumb.size)
+if probs:
     prob = np.mean(probs, axis=0)
-    pred = ", ".join(f"p({c}) = {v:.2f}" for c, v in zip(classes, prob))
+    unit = "case " if bag_type == "hierarchical" else ""
+    pred = unit + ", ".join(f"p({c}) = {v:.2f}" for c, v in zip(classes, prob))
 else:
-    amap = np.full(thumb.size[::-1], np.nan)
     pred = "no tissue tiles"
+if not maps:
+    maps["attention (no tiles)"] = np.full(thumb.size[::-1], np.nan)
 label = splits.loc[splits["slide_id"] == slide_id, "label"]
-title = f"{slide_id}  (label: {label.iloc[0] if len(label) else '?'}; {pred}; {p.magnification:g}x)"
-fig = render(thumb, amap, alpha=p.alpha, cmap=p.cmap, title=title)
+mags = ", ".join(f"{m:g}x" for m in (att[0] if att else [mag]))
+title = f"{slide_id}  (label: {label.iloc[0] if len(label) else '?'}; {pred}; {mags})"
+if len(maps) == 1 and not bars:
+    fig = render(thumb, next(iter(maps.values())), alpha=p.alpha, cmap=p.cmap, title=title)
+else:
+    fig = render_panels(thumb, maps, alpha=p.alpha, cmap=p.cmap, title=title, bars=bars)
 save_figure(fig, sm.output.png, dpi=100)

@@ -20,3 +20,11 @@ def shared_slide(rel: str) -> Path:
 @pytest.fixture
 def cmu_small() -> Path:
     return shared_slide("real/aperio/CMU-1-Small-Region.svs")
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> Path:
+    """A small completed workflow run (tests/smallrun.py), built once; copy it, never change it."""
+    from smallrun import build_small_run
+
+    return build_small_run(tmp_path_factory.mktemp("small_run"))

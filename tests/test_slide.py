@@ -1,6 +1,9 @@
+import logging
+import pickle
+
 import pytest
 
-from slidesnake.slide import SlideError, open_slide, resolve_resolution
+from slidesnake.slide import SlideError, check_readable, one_line_errors, open_slide, resolve_resolution
 from conftest import shared_slide
 
 
@@ -60,3 +63,65 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "empty.svs").write_bytes(b"")
     with pytest.raises(SlideError, match="empty"):
         open_slide(tmp_path / "empty.svs", "x")
+
+
+def test_mpp_y_tiff_units_and_hamamatsu_vms_properties():
+    res = resolve_resolution({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.26",
+                              "openslide.objective-power": "40"}, "s")
+    assert (res.mpp, res.mpp_y) == (0.25, 0.26) and res.anisotropy == pytest.approx(0.04)
+    # y from the same source as x; a lone x means square pixels
+    assert resolve_resolution({"openslide.mpp-x": "0.25"}, "s").mpp_y == 0.25
+    res = resolve_resolution({"tiff.XResolution": "101600", "tiff.YResolution": "50800",
+                              "tiff.ResolutionUnit": "inch"}, "s")
+    assert (res.mpp, res.mpp_y, res.mpp_source) == (pytest.approx(0.25), pytest.approx(0.5), "tiff resolution tags")
+    # Hamamatsu VMS: physical size in nm over the level-0 size in pixels; SourceLens is the objective
+    vms = {"hamamatsu.PhysicalWidth": "10000000", "hamamatsu.PhysicalHeight": "5000000",
+           "openslide.level[0].width": "40000", "openslide.level[0].height": "20000",
+           "hamamatsu.SourceLens": "40"}
+    res = resolve_resolution(vms, "s")
+    assert (res.mpp, res.mpp_y) == (pytest.approx(0.25), pytest.approx(0.25))
+    assert res.mpp_source == "hamamatsu.PhysicalWidth/Height"
+    assert (res.objective_power, res.objective_source) == (40, "hamamatsu.SourceLens")
+    # aperio.MPP and AppMag when OpenSlide's own properties are missing
+    res = resolve_resolution({"aperio.MPP": "0.2520", "aperio.AppMag": "40"}, "s")
+    assert (res.mpp, res.mpp_source, res.objective_source) == (0.252, "aperio.MPP", "aperio.AppMag")
+    # a config default is used only when the slide says nothing
+    res = resolve_resolution({}, "s", default_objective=20)
+    assert (res.objective_power, res.objective_source, res.mpp) == (20, "config tiling.default_objective", 0.5)
+
+
+def test_dicom_opens_by_file_with_its_resolution():
+    path = shared_slide("fixtures/openslide-python/boxes_0.dcm")
+    slide = open_slide(path, "dcm")
+    assert slide.properties["openslide.vendor"] == "dicom"
+    check_readable(slide, "dcm", path)
+    res = resolve_resolution(slide.properties, "dcm", path)
+    assert (res.mpp, res.objective_power) == (pytest.approx(0.499), 20)
+
+
+def test_unreadable_pixels_fail_with_one_line():
+    path = shared_slide("bad/openslide-python/unreadable.svs")
+    slide = open_slide(path, "bad2")  # the header opens
+    with pytest.raises(SlideError) as err:
+        check_readable(slide, "bad2", path)
+    msg = str(err.value)
+    assert msg.startswith("slide 'bad2'") and "cannot be read" in msg and "\n" not in msg
+    # SlideErrors raised in worker processes must survive pickling whole
+    again = pickle.loads(pickle.dumps(err.value))
+    assert str(again) == msg and again.slide_id == "bad2"
+
+
+def test_format_openslide_cannot_read_says_so():
+    path = shared_slide("real/ome-tiff/OS-1-detail.ome.tif")
+    slide = open_slide(path, "ome")  # PIL's fallback opens it ...
+    with pytest.raises(SlideError, match="not a whole-slide format OpenSlide reads.*convert it"):
+        check_readable(slide, "ome", path)  # ... but cannot decode it
+
+
+def test_one_line_errors_logs_and_exits(caplog):
+    log = logging.getLogger("slidesnake.test")
+    with pytest.raises(SystemExit) as exc, caplog.at_level(logging.ERROR):
+        with one_line_errors(log):
+            raise SlideError("s1", "/x.svs", "broken", "fix it")
+    assert exc.value.code == 1
+    assert caplog.messages == ["slide 's1' (/x.svs): broken; fix it"]

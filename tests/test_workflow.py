@@ -32,9 +32,8 @@ def write_config(workdir: Path, **overrides) -> None:
         "samples": "cohort/samples.tsv",
         "classes": ["normal", "tumour"],
         "splits": {"k": K},
-        "features": {"backbone": "resnet18_trunc", "batch_size": 16, "num_workers": 0, "threads": 1},
-        "training": {"epochs": 8, "patience": 3, "min_epochs": 2, "threads": 1},
-        "tissue": {"threads": 1},
+        "features": {"backbone": "resnet18_trunc", "batch_size": 16, "num_workers": 0},
+        "training": {"epochs": 8, "patience": 3, "min_epochs": 2},
     }
     for key, value in overrides.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
@@ -70,7 +69,7 @@ def test_dry_run_lists_every_rule(run):
     _, sheet, dry = run
     n = len(sheet)
     assert job_counts(dry) == {"tile": n, "filter_tissue": n, "extract_features": n, "make_splits": 1,
-                               "train": K, "summarize": 1, "heatmap": n, "all": 1}
+                               "train": K, "summarize": 1, "heatmap": n, "qc_table": 1, "all": 1}
 
 
 def test_every_output_present_and_well_formed(run):

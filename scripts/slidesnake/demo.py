@@ -21,6 +21,7 @@ same platform and library versions; floating-point kernels could differ across C
 Command line::
 
     python -m slidesnake.demo --out resources/demo [--patients N] [--size PX] [--seed S] [--overwrite]
+                              [--stains HE IHC [--slices-per-stain MIN MAX]]
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
     "HEScene",
     "RenderFn",
     "SAMPLE_COLUMNS",
+    "STAINS",
     "SlideSpec",
     "cohort_specs",
     "main",
@@ -63,6 +65,15 @@ __all__ = [
 
 #: RGB of empty glass (the slide background).
 GLASS_RGB = (242, 241, 245)
+#: Stains a scene can be rendered in: H&E, or an immunohistochemistry-like scheme (haematoxylin
+#: counterstain plus brown DAB, Ruifrok & Johnston 2001) where the planted tumour is DAB-positive.
+STAINS = ("HE", "IHC")
+#: Unit optical-density vector of DAB (brown).
+DAB_OD = (0.2681, 0.5703, 0.7764)
+#: IHC: share of the eosin-like background texture kept (as faint DAB) and the DAB concentration of
+#: the (positive) tumour.
+IHC_BACKGROUND = 0.4
+IHC_TUMOUR_DAB = 0.75
 #: Unit optical-density vector of haematoxylin (blue-purple: nuclei).
 HAEMATOXYLIN_OD = (0.5626, 0.7201, 0.4062)
 #: Unit optical-density vector of eosin (pink: stroma, cytoplasm).
@@ -158,14 +169,21 @@ _MASK63 = (1 << 63) - 1
 _DRAW_MIN_AXIS_PX = 1.0
 #: Mean of the fibre texture, ``E[((1 + sin) / 2) ** 3] * E[break factor]``.
 _FIBRE_MEAN = 0.3125 * 0.5
-#: Minus the optical density per (haematoxylin, eosin, glass shading) unit, plus the glass offset.
-_NEG_OD_MATRIX = -np.array(
-    [
-        [HAEMATOXYLIN_OD[c], EOSIN_OD[c], GLASS_SHADING / 240.0, -math.log(GLASS_RGB[c] / 255.0)]
-        for c in range(3)
-    ],
-    dtype=np.float32,
-)
+
+
+def _neg_od_matrix(second_od: Sequence[float]) -> np.ndarray:
+    """Minus the optical density per (haematoxylin, second stain, glass shading) unit, plus the glass offset."""
+    return -np.array(
+        [
+            [HAEMATOXYLIN_OD[c], second_od[c], GLASS_SHADING / 240.0, -math.log(GLASS_RGB[c] / 255.0)]
+            for c in range(3)
+        ],
+        dtype=np.float32,
+    )
+
+
+_NEG_OD_MATRIX = _neg_od_matrix(EOSIN_OD)
+_NEG_OD_MATRICES = {"HE": _NEG_OD_MATRIX, "IHC": _neg_od_matrix(DAB_OD)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,6 +380,8 @@ class HEScene:
             when each could not reach ``MIN_REGION_RADIUS_UM``.
         tumour_fraction: share of the tissue area covered by the polygons; drawn from
             [0.07, 0.22] if None. Placement may shrink regions that do not fit.
+        stain: one of :data:`STAINS`: ``"HE"``, or ``"IHC"`` (haematoxylin nuclei, faint
+            background, DAB-brown tumour). The layout does not depend on it.
     """
 
     def __init__(
@@ -374,9 +394,13 @@ class HEScene:
         tissue_fraction: float | None = None,
         n_regions: int = 0,
         tumour_fraction: float | None = None,
+        stain: str = "HE",
     ) -> None:
         if width < 1 or height < 1:
             raise ValueError(f"invalid scene size {width}x{height}")
+        if stain not in STAINS:
+            raise ValueError(f"unknown stain {stain!r}; demo scenes are rendered in {STAINS}")
+        self.stain = stain
         self.width, self.height, self.mpp = int(width), int(height), float(mpp)
         self.seed = int(seed) & _MASK63
         rng = np.random.default_rng([self.seed, 0x5CE7E])
@@ -727,7 +751,7 @@ class HEScene:
         np.clip(alpha, 0.0, 1.0, out=alpha)
         if not alpha.any():
             zeros = np.zeros_like(alpha)
-            return _compose(zeros, zeros, shading)
+            return _compose(zeros, zeros, shading, _NEG_OD_MATRICES[self.stain])
 
         tumour = self._tumour_grid(x, y, width, height, ds)
         fibre = self._fibres(xs, ys, ds)
@@ -745,6 +769,10 @@ class HEScene:
             haem += np.float32(TUMOUR_HAEMATOXYLIN - STROMA_HAEMATOXYLIN) * tumour
         eosin *= grain * np.float32(GRAIN_RELATIVE) + np.float32(1.0)
         eosin += grain * np.float32(GRAIN_ABSOLUTE)
+        if self.stain == "IHC":  # the second stain is DAB: faint background, brown positive tumour
+            eosin *= np.float32(IHC_BACKGROUND)
+            if tumour is not None:
+                eosin += tumour * (grain * np.float32(GRAIN_RELATIVE * IHC_TUMOUR_DAB) + np.float32(IHC_TUMOUR_DAB))
 
         nuclei = self._nuclei_grid(x, y, width, height, ds, tumour)
         if nuclei is not None:
@@ -755,7 +783,7 @@ class HEScene:
             haem += nuclei
         haem *= alpha
         eosin *= alpha
-        return _compose(haem, eosin, shading)
+        return _compose(haem, eosin, shading, _NEG_OD_MATRICES[self.stain])
 
     # -- ground truth ---------------------------------------------------------------------------
 
@@ -770,10 +798,11 @@ def _pixel_centres(x: float, y: float, width: int, height: int, ds: float) -> tu
     return xs, ys
 
 
-def _compose(haem: np.ndarray, eosin: np.ndarray, shading: np.ndarray) -> np.ndarray:
+def _compose(haem: np.ndarray, eosin: np.ndarray, shading: np.ndarray,
+             matrix: np.ndarray = _NEG_OD_MATRIX) -> np.ndarray:
     """Beer-Lambert: stain concentrations (and glass shading in [-1, 1]) -> RGB uint8."""
     stains = cv2.merge([haem, eosin, shading])
-    rgb = cv2.exp(cv2.transform(stains, _NEG_OD_MATRIX))
+    rgb = cv2.exp(cv2.transform(stains, matrix))
     return cv2.convertScaleAbs(rgb, alpha=255.0)
 
 
@@ -982,6 +1011,7 @@ class SlideSpec:
     height: int
     seed: int
     n_regions: int
+    stain: str = "HE"
 
 
 def cohort_specs(
@@ -990,6 +1020,9 @@ def cohort_specs(
     multi_slide_fraction: float = 0.4,
     size: int = 4500,
     seed: int = 0,
+    *,
+    stains: Sequence[str] | None = None,
+    slices_per_stain: tuple[int, int] = (1, 3),
 ) -> list[SlideSpec]:
     """The demo cohort's slides, deterministic from ``seed`` (nothing is rendered).
 
@@ -997,9 +1030,17 @@ def cohort_specs(
     patient ids. In each class ``multi_slide_fraction`` of the patients (at least one when the
     class has two or more) get ``slides_per_patient[1]`` slides, the others
     ``slides_per_patient[0]``. Slide sides are ``size`` times a factor in [0.9, 1.1].
+
+    With ``stains`` (e.g. ``["HE", "IHC"]``, names from :data:`STAINS`) the cohort is multi-stain
+    instead: every patient has every stain, with ``slices_per_stain`` (inclusive range, drawn per
+    patient and stain) slides of each, named ``<patient>_<stain><k>``; ``slides_per_patient`` and
+    ``multi_slide_fraction`` are then unused. Every slide of a tumour patient, whatever its stain,
+    carries planted regions.
     """
     if n_patients < 1:
         raise ValueError("n_patients must be >= 1")
+    if stains is not None:
+        return _multistain_specs(n_patients, stains, slices_per_stain, size, seed)
     lo, hi = slides_per_patient
     if not 1 <= lo <= hi:
         raise ValueError(f"invalid slides_per_patient {slides_per_patient}")
@@ -1035,6 +1076,36 @@ def cohort_specs(
     return specs
 
 
+def _multistain_specs(
+    n_patients: int, stains: Sequence[str], slices_per_stain: tuple[int, int], size: int, seed: int
+) -> list[SlideSpec]:
+    """``cohort_specs`` of a multi-stain cohort (an RNG stream of its own)."""
+    stains = [str(s) for s in stains]
+    unknown = [s for s in stains if s not in STAINS]
+    if not stains or unknown or len(set(stains)) != len(stains):
+        raise ValueError(f"stains must be distinct names from {STAINS}; got {stains}")
+    lo, hi = slices_per_stain
+    if not 1 <= lo <= hi:
+        raise ValueError(f"invalid slices_per_stain {slices_per_stain}")
+    rng = np.random.default_rng([int(seed) & _MASK63, 0xC0407, 0x57A1])
+    n_tumour = n_patients // 2
+    labels = np.array(["tumour"] * n_tumour + ["normal"] * (n_patients - n_tumour))
+    rng.shuffle(labels)
+    width = max(2, len(str(n_patients)))
+    specs = []
+    for p in range(n_patients):
+        patient_id = f"PAT{p + 1:0{width}d}"
+        for stain in stains:
+            for k in range(int(rng.integers(lo, hi + 1))):
+                w, h = (int(round(size * f / 16) * 16) for f in rng.uniform(0.9, 1.1, 2))
+                n_regions = int(rng.integers(1, 4)) if labels[p] == "tumour" else 0
+                specs.append(SlideSpec(
+                    slide_id=f"{patient_id}_{stain}{k + 1}", patient_id=patient_id, label=str(labels[p]),
+                    width=w, height=h, seed=int(rng.integers(0, 2**62)), n_regions=n_regions, stain=stain,
+                ))
+    return specs
+
+
 def make_cohort(
     outdir: str | os.PathLike,
     n_patients: int = 12,
@@ -1042,6 +1113,8 @@ def make_cohort(
     size: int = 4500,
     seed: int = 0,
     *,
+    stains: Sequence[str] | None = None,
+    slices_per_stain: tuple[int, int] = (1, 3),
     multi_slide_fraction: float = 0.4,
     mpp: float = 0.5,
     objective: float = 20,
@@ -1060,18 +1133,22 @@ def make_cohort(
     unchanged ``samples.tsv`` is not rewritten, so re-runs touch no mtimes. Parameters are not
     recorded: after changing them, regenerate with ``overwrite=True``.
 
-    ``on_slide(spec, path, written)`` is called after each slide (written or skipped).
+    ``on_slide(spec, path, written)`` is called after each slide (written or skipped). ``stains`` and
+    ``slices_per_stain`` make a multi-stain cohort (see :func:`cohort_specs`; the sheet's ``stain``
+    column names each slide's stain).
     """
     outdir_str = os.fspath(outdir)
-    specs = cohort_specs(n_patients, slides_per_patient, multi_slide_fraction, size, seed)
+    specs = cohort_specs(n_patients, slides_per_patient, multi_slide_fraction, size, seed,
+                         stains=stains, slices_per_stain=slices_per_stain)
     rows = []
     for spec in specs:
         slide_path = os.path.join(outdir_str, "slides", f"{spec.slide_id}.svs")
         ann_path = os.path.join(outdir_str, "annotations", f"{spec.slide_id}.geojson")
-        rows.append([spec.slide_id, spec.patient_id, spec.label, slide_path, "HE", ""])
+        rows.append([spec.slide_id, spec.patient_id, spec.label, slide_path, spec.stain, ""])
         written = False
         if overwrite or not (os.path.exists(slide_path) and os.path.exists(ann_path)):
-            scene = HEScene(spec.width, spec.height, seed=spec.seed, mpp=mpp, n_regions=spec.n_regions)
+            scene = HEScene(spec.width, spec.height, seed=spec.seed, mpp=mpp, n_regions=spec.n_regions,
+                            stain=spec.stain)
             write_slide(
                 slide_path,
                 spec.width,
@@ -1118,6 +1195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=4500, help="nominal slide side in pixels at 20x")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="regenerate slides that already exist")
+    parser.add_argument("--stains", nargs="+", choices=STAINS, default=None,
+                        help="multi-stain cohort: every patient gets slides of each of these stains")
+    parser.add_argument("--slices-per-stain", nargs=2, type=int, default=(1, 3), metavar=("MIN", "MAX"),
+                        help="slides per patient and stain of a multi-stain cohort (default 1 3)")
     args = parser.parse_args(argv)
 
     skipped = []
@@ -1133,6 +1214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_patients=args.patients,
         size=args.size,
         seed=args.seed,
+        stains=args.stains,
+        slices_per_stain=tuple(args.slices_per_stain),
         overwrite=args.overwrite,
         on_slide=report,
     )

@@ -3,6 +3,8 @@
 Per-fold predictions (``models/<model>/fold_<k>/predictions.csv``: slide_id, patient_id, label,
 split, prob_<class>..., pred) are reduced to one row of test metrics per fold plus ``mean`` and
 ``sd`` rows, and the out-of-fold (OOF) table of every slide's test prediction.
+:func:`bootstrap_ci` adds percentile bootstrap confidence intervals of the pooled OOF metrics
+(resampling patients).
 """
 
 from __future__ import annotations
@@ -102,6 +104,128 @@ def summarize(fold_predictions: Sequence[pd.DataFrame], classes: Sequence) -> tu
         if len(dup):
             raise ValueError(f"slide(s) tested in more than one fold: {sorted(set(dup))[:10]}")
     return summary, oof_df
+
+
+# ----------------------------------------------------------------------------- bootstrap CIs
+
+CI_COLUMNS = ("metric", "estimate", "ci_low", "ci_high", "n_valid", "n_bootstrap", "level", "unit", "n_units")
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x``, ties sharing their average rank (``scipy.stats.rankdata``)."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    bounds = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat((bounds[:-1] + bounds[1:] + 1) / 2, np.diff(bounds))
+    return ranks
+
+
+def _rank_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC by the Mann-Whitney rank sum (ties count one half), as ``roc_auc_score``."""
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _average_ranks(np.asarray(score, dtype=float))
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def metric_values(y: np.ndarray, probs: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str, float]:
+    """:data:`METRICS` from class indices ``y`` and ``pred`` and probabilities ``(n, C)``.
+
+    The same values as :func:`fold_metrics` (AUC as :func:`auc_score`; balanced accuracy = mean
+    recall over the classes present in ``y``; precision / recall / F1 macro over all classes, 0 where
+    undefined), computed with numpy so that bootstrap resamples are cheap.
+    """
+    y = np.asarray(y, dtype=int)
+    pred = np.asarray(pred, dtype=int)
+    present = np.unique(y)
+    if len(present) < 2:
+        auc = float("nan")
+    elif n_classes == 2:
+        auc = _rank_auc(y == 1, probs[:, 1])
+    else:
+        auc = float(np.mean([_rank_auc(y == c, probs[:, c]) for c in present]))
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (y, pred), 1)
+    tp = np.diag(cm).astype(float)
+    true_n, pred_n = cm.sum(1).astype(float), cm.sum(0).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall_c = np.where(true_n > 0, tp / true_n, 0.0)
+        precision_c = np.where(pred_n > 0, tp / pred_n, 0.0)
+        denom = true_n + pred_n
+        f1_c = np.where(denom > 0, 2 * tp / denom, 0.0)
+    return {
+        "auc": auc,
+        "accuracy": float(tp.sum() / len(y)) if len(y) else float("nan"),
+        "balanced_accuracy": float(recall_c[true_n > 0].mean()) if len(y) else float("nan"),
+        "precision": float(precision_c.mean()),
+        "recall": float(recall_c.mean()),
+        "f1": float(f1_c.mean()),
+    }
+
+
+def bootstrap_ci(oof: pd.DataFrame, classes: Sequence, n_bootstrap: int = 1000, level: float = 0.95,
+                 seed: int = 0, unit: str = "patient") -> pd.DataFrame:
+    """Percentile bootstrap confidence intervals of :data:`METRICS` on the pooled OOF predictions.
+
+    Resamples ``unit``\\ s with replacement (``patient``: every slide of a drawn patient comes along,
+    as often as the patient is drawn, so that slides of one patient are not treated as independent;
+    ``slide``: rows), ``n_bootstrap`` times with ``numpy.random.default_rng(seed)``. A resample in
+    which a metric is undefined (AUC with one class) is left out of that metric's interval;
+    ``n_valid`` counts the resamples used. One row per metric: ``metric, estimate`` (on the whole
+    table), ``ci_low, ci_high, n_valid, n_bootstrap, level, unit, n_units``.
+    """
+    classes = [str(c) for c in classes]
+    if unit not in ("patient", "slide"):
+        raise ValueError(f"bootstrap unit must be 'patient' or 'slide'; got {unit!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"confidence level must be in (0, 1); got {level}")
+    if int(n_bootstrap) < 1:
+        raise ValueError(f"n_bootstrap must be >= 1; got {n_bootstrap}")
+    if oof.empty:
+        return pd.DataFrame([{"metric": m, "estimate": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n_valid": 0,
+                              "n_bootstrap": int(n_bootstrap), "level": level, "unit": unit, "n_units": 0}
+                             for m in METRICS], columns=list(CI_COLUMNS))
+    idx = {c: i for i, c in enumerate(classes)}
+    labels, preds = oof["label"].astype(str), oof["pred"].astype(str)
+    unknown = sorted((set(labels) | set(preds)) - set(classes))
+    if unknown:
+        raise ValueError(f"label/pred value(s) {unknown} not in classes {classes}")
+    y = labels.map(idx).to_numpy(int)
+    pred = preds.map(idx).to_numpy(int)
+    probs = oof[prob_columns(classes)].to_numpy(float)
+    k = len(classes)
+    if unit == "patient" and "patient_id" not in oof.columns:
+        log.warning("no patient_id column; bootstrap resamples slides")
+        unit = "slide"
+    groups = oof["patient_id"].astype(str).to_numpy() if unit == "patient" else np.arange(len(oof))
+    _, codes = np.unique(groups, return_inverse=True)
+    order = np.argsort(codes, kind="stable")
+    sizes = np.bincount(codes)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    n_units = len(sizes)
+
+    rng = np.random.default_rng(seed)
+    values = np.full((int(n_bootstrap), len(METRICS)), np.nan)
+    for b in range(int(n_bootstrap)):
+        drawn = rng.integers(0, n_units, n_units)
+        lens = sizes[drawn]
+        within = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+        rows = order[np.repeat(starts[drawn], lens) + within]
+        m = metric_values(y[rows], probs[rows], pred[rows], k)
+        values[b] = [m[name] for name in METRICS]
+    estimate = metric_values(y, probs, pred, k)
+    alpha = (1 - level) / 2
+    out = []
+    for j, name in enumerate(METRICS):
+        v = values[:, j][np.isfinite(values[:, j])]
+        lo, hi = (np.quantile(v, [alpha, 1 - alpha]) if len(v) else (np.nan, np.nan))
+        out.append({"metric": name, "estimate": estimate[name], "ci_low": float(lo), "ci_high": float(hi),
+                    "n_valid": int(len(v)), "n_bootstrap": int(n_bootstrap), "level": float(level), "unit": unit,
+                    "n_units": int(n_units)})
+    return pd.DataFrame(out, columns=list(CI_COLUMNS))
 
 
 # --------------------------------------------------------------------------------------- plots

@@ -6,10 +6,13 @@ from the slide (or the sample sheet's ``mpp`` override), and where each value ca
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import openslide
 
@@ -26,6 +29,9 @@ class SlideError(Exception):
     def __init__(self, slide_id: str, path: str | os.PathLike, problem: str, fix: str):
         self.slide_id, self.path, self.problem, self.fix = slide_id, str(path), problem, fix
         super().__init__(f"slide {slide_id!r} ({path}): {problem}; {fix}")
+
+    def __reduce__(self):  # picklable, so errors raised in worker processes reach the parent intact
+        return type(self), (self.slide_id, self.path, self.problem, self.fix)
 
 
 def open_slide(path: str | os.PathLike, slide_id: str) -> openslide.AbstractSlide:
@@ -47,10 +53,26 @@ def open_slide(path: str | os.PathLike, slide_id: str) -> openslide.AbstractSlid
 
 @dataclass(frozen=True)
 class Resolution:
+    """Level-0 pixel size and objective power of a slide, each with where it came from.
+
+    ``mpp`` is the x pixel size (what tiling uses); ``mpp_y`` is the y pixel size, equal to ``mpp``
+    unless the slide says otherwise (a y-only value is never used: both come from one source).
+    """
+
     mpp: float
     mpp_source: str
     objective_power: float
     objective_source: str
+    mpp_y: float | None = None
+
+    def __post_init__(self):
+        if self.mpp_y is None:
+            object.__setattr__(self, "mpp_y", self.mpp)
+
+    @property
+    def anisotropy(self) -> float:
+        """Relative difference of the y and x pixel sizes (0 for square pixels)."""
+        return abs(self.mpp_y - self.mpp) / self.mpp
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,15 +86,29 @@ def _float(props, key) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
-def _tiff_mpp(props) -> float | None:
-    res, unit = _float(props, "tiff.XResolution"), props.get("tiff.ResolutionUnit")
-    if res is None or unit not in ("centimeter", "inch"):
+def _pair(x: float | None, y: float | None) -> tuple[float, float] | None:
+    """An (x, y) pixel size from one source; y defaults to x, a y without an x is not enough."""
+    return None if x is None else (x, y if y is not None else x)
+
+
+def _tiff_mpp(props) -> tuple[float, float] | None:
+    unit = props.get("tiff.ResolutionUnit")
+    if unit not in ("centimeter", "inch"):
         return None
-    return (1e4 if unit == "centimeter" else 25400.0) / res
+    um_per_unit = 1e4 if unit == "centimeter" else 25400.0
+    x, y = _float(props, "tiff.XResolution"), _float(props, "tiff.YResolution")
+    return _pair(um_per_unit / x if x else None, um_per_unit / y if y else None)
 
 
-def _plausible(mpp: float | None) -> bool:
-    return mpp is not None and MPP_RANGE[0] <= mpp <= MPP_RANGE[1]
+def _hamamatsu_mpp(props) -> tuple[float, float] | None:
+    """Hamamatsu VMS/VMU: PhysicalWidth/Height (nanometres) over the level-0 size in pixels."""
+    w, h = _float(props, "openslide.level[0].width"), _float(props, "openslide.level[0].height")
+    pw, ph = _float(props, "hamamatsu.PhysicalWidth"), _float(props, "hamamatsu.PhysicalHeight")
+    return _pair(pw / 1000 / w if pw and w else None, ph / 1000 / h if ph and h else None)
+
+
+def _plausible(mpp: tuple[float, float] | None) -> bool:
+    return mpp is not None and all(MPP_RANGE[0] <= v <= MPP_RANGE[1] for v in mpp)
 
 
 def resolve_resolution(
@@ -84,18 +120,24 @@ def resolve_resolution(
     default_mpp: float | None = None,
     default_objective: float | None = None,
 ) -> Resolution:
-    """Base MPP and objective power of a slide, each with the source it came from.
+    """Base MPP (x and y) and objective power of a slide, each with the source it came from.
 
-    MPP, in order: the sheet's ``mpp`` override; ``openslide.mpp-x``; TIFF resolution tags with their
-    unit; ``aperio.MPP``; derived from the objective power (10 / objective); the config default.
-    Objective power: ``openslide.objective-power``; ``aperio.AppMag``; ``hamamatsu.SourceLens``;
-    derived from the MPP (10 / MPP); the config default.
+    MPP, first plausible of: the sheet's ``mpp`` override; ``openslide.mpp-x`` (and ``-y``); TIFF
+    resolution tags with their unit; vendor properties (``aperio.MPP``; Hamamatsu VMS
+    ``PhysicalWidth``/``PhysicalHeight`` over the level-0 size); derived from the objective power
+    (10 / objective). Objective power: ``openslide.objective-power``; ``aperio.AppMag``;
+    ``hamamatsu.SourceLens``; derived from the MPP (10 / MPP). The config defaults are used only
+    when the slide has neither (and no override). Implausible MPPs (outside ``MPP_RANGE``, e.g. a
+    72-dpi default resolution tag) are skipped.
     """
+    override = float(mpp_override) if mpp_override and mpp_override > 0 else None
     mpp_candidates = [
-        ("sample sheet mpp column", mpp_override if mpp_override and mpp_override > 0 else None),
-        ("openslide.mpp-x", _float(props, openslide.PROPERTY_NAME_MPP_X)),
+        ("sample sheet mpp column", _pair(override, None)),
+        ("openslide.mpp-x", _pair(_float(props, openslide.PROPERTY_NAME_MPP_X),
+                                    _float(props, openslide.PROPERTY_NAME_MPP_Y))),
         ("tiff resolution tags", _tiff_mpp(props)),
-        ("aperio.MPP", _float(props, "aperio.MPP")),
+        ("aperio.MPP", _pair(_float(props, "aperio.MPP"), None)),
+        ("hamamatsu.PhysicalWidth/Height", _hamamatsu_mpp(props)),
     ]
     obj_candidates = [
         ("openslide.objective-power", _float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)),
@@ -106,7 +148,7 @@ def resolve_resolution(
     obj = next(((s, v) for s, v in obj_candidates if v), None)
     if mpp is None and obj is None:
         if default_mpp:
-            mpp = ("config tiling.default_mpp", float(default_mpp))
+            mpp = ("config tiling.default_mpp", (float(default_mpp),) * 2)
         if default_objective:
             obj = ("config tiling.default_objective", float(default_objective))
     if mpp is None and obj is None:
@@ -115,7 +157,49 @@ def resolve_resolution(
             "put the level-0 microns per pixel in the sample sheet's 'mpp' column",
         )
     if mpp is None:
-        mpp = ("derived from objective power (10 / objective)", MPP_AT_1X / obj[1])
+        mpp = ("derived from objective power (10 / objective)", (MPP_AT_1X / obj[1],) * 2)
     if obj is None:
-        obj = ("derived from mpp (10 / mpp)", MPP_AT_1X / mpp[1])
-    return Resolution(mpp=mpp[1], mpp_source=mpp[0], objective_power=obj[1], objective_source=obj[0])
+        obj = ("derived from mpp (10 / mpp)", MPP_AT_1X / mpp[1][0])
+    return Resolution(mpp=mpp[1][0], mpp_source=mpp[0], objective_power=obj[1], objective_source=obj[0],
+                      mpp_y=mpp[1][1])
+
+
+def check_readable(slide: openslide.AbstractSlide, slide_id: str, path: str | os.PathLike) -> None:
+    """Decode one small region at the lowest and at the highest resolution, or raise SlideError.
+
+    Catches files whose header opens but whose pixel data is damaged before any tiling work.
+    """
+    plain_image = isinstance(slide, openslide.ImageSlide)
+    for level in sorted({slide.level_count - 1, 0}):
+        w, h = slide.level_dimensions[level]
+        ds = slide.level_downsamples[level]
+        size = (min(w, 64), min(h, 64))
+        loc = (int((w - size[0]) // 2 * ds), int((h - size[1]) // 2 * ds))
+        with pixel_errors(slide_id, path, plain_image=plain_image):
+            slide.read_region(loc, level, size)
+
+
+@contextlib.contextmanager
+def pixel_errors(slide_id: str, path: str | os.PathLike, plain_image: bool = False) -> Iterator[None]:
+    """Turn OpenSlide's (or, for plain images, PIL's) errors while decoding pixels into a SlideError."""
+    try:
+        yield
+    except (openslide.OpenSlideError, OSError) as err:
+        msg = " ".join(str(err).split()) or type(err).__name__
+        if plain_image:
+            problem = f"not a whole-slide format OpenSlide reads, and PIL cannot decode it either ({msg})"
+            fix = "convert it to a pyramidal TIFF (e.g. bfconvert -pyramid-resolutions, or vips tiffsave --pyramid)"
+        else:
+            problem = f"pixel data cannot be read ({msg})"
+            fix = "the file is damaged: re-copy or re-export it from the scanner"
+        raise SlideError(slide_id, path, problem, fix) from None
+
+
+@contextlib.contextmanager
+def one_line_errors(log: logging.Logger) -> Iterator[None]:
+    """For rule scripts: log a SlideError as its one line and exit 1 (no traceback in the log)."""
+    try:
+        yield
+    except SlideError as err:
+        log.error("%s", err)
+        raise SystemExit(1) from None

@@ -1,14 +1,17 @@
 """The per-slide Zarr v3 feature store: writer and reader.
 
-Layout (see docs/design.md, "Feature store")::
+Layout (the full schema, with an example of reading a store with plain ``zarr``, is in
+docs/features.md)::
 
     <slide_id>.zarr/          attrs: slide_id, backbone, weights, ... , magnifications
-      20x/                    attrs: magnification, n_tiles
+      20x/                    attrs: magnification, n_tiles, ...
         features  (N, D)      float16 by default
         coords    (N, 2)      int64 level-0 x, y
         size      (N, 2)      int64 level-0 w, h
         grid      (N, 2)      int32 DeepZoom col, row
         tile_id   (N,)        int64 row in tiles.parquet
+        parent_5x (N,)        int64 row of the 5x group's tile containing this tile's centre, -1 if
+                              that tile was not kept (one array per coarser magnification)
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import zarr
 
 from slidesnake.io import atomic_path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: parent_<m>x arrays
 ARRAYS = ("features", "coords", "size", "grid", "tile_id")
 _DTYPES = {"coords": "int64", "size": "int64", "grid": "int32", "tile_id": "int64"}
 
@@ -31,6 +34,27 @@ _DTYPES = {"coords": "int64", "size": "int64", "grid": "int32", "tile_id": "int6
 def mag_key(magnification: float) -> str:
     """Group name of a magnification: 20.0 -> '20x', 2.5 -> '2.5x'."""
     return f"{float(magnification):g}x"
+
+
+def parent_key(coarse_magnification: float) -> str:
+    """Name of the array (in a finer group) of parent rows in the ``coarse_magnification`` group."""
+    return f"parent_{mag_key(coarse_magnification)}"
+
+
+def _write_parents(root: zarr.Group, mags) -> None:
+    """In every group, ``parent_<c>x`` for every coarser magnification ``c`` of the store, from the
+    groups' level-0 coords and size (:func:`slidesnake.tiling.parent_indices`)."""
+    from slidesnake.tiling import parent_indices
+
+    mags = sorted(float(m) for m in mags)
+    boxes = {m: (root[mag_key(m)]["coords"][...], root[mag_key(m)]["size"][...]) for m in mags}
+    for i, coarse in enumerate(mags):
+        for fine in mags[i + 1:]:
+            parents = parent_indices(*boxes[fine], *boxes[coarse])
+            g = root[mag_key(fine)]
+            chunks = g["tile_id"].chunks
+            g.create_array(parent_key(coarse), shape=parents.shape, dtype="int64",
+                           chunks=chunks, overwrite=True)[...] = parents
 
 
 def write_store(
@@ -55,6 +79,7 @@ def write_store(
                 a = np.asarray(arrays[name], dtype=feature_dtype if name == "features" else _DTYPES[name])
                 chunks = (max(1, min(max(n, 1), chunk_rows)),) + a.shape[1:]
                 g.create_array(name, shape=a.shape, dtype=a.dtype, chunks=chunks)[...] = a
+        _write_parents(root, groups)
 
 
 class StoreWriter:
@@ -65,6 +90,10 @@ class StoreWriter:
         with StoreWriter(path, attrs, {20.0: n20}, dim) as w:
             w.write(20.0, start, feats)          # any order of row blocks
             w.set(20.0, "coords", coords)        # the other arrays in one go
+            w.group_attrs(20.0, mpp=0.5)         # extra attributes of a group
+
+    The ``parent_<m>x`` arrays are computed from coords and size when the block succeeds, just
+    before the store is renamed into place.
     """
 
     def __init__(self, path, attrs: Mapping, n_tiles: Mapping[float, int], feature_dim: int,
@@ -100,8 +129,16 @@ class StoreWriter:
     def set(self, mag: float, name: str, values: np.ndarray) -> None:
         self.root[mag_key(mag)][name][...] = np.asarray(values, dtype=_DTYPES[name])
 
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
+    def group_attrs(self, mag: float, **attrs) -> None:
+        self.root[mag_key(mag)].attrs.update(attrs)
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            try:
+                _write_parents(self.root, self._n)
+            except BaseException as e:
+                return self._ctx.__exit__(type(e), e, e.__traceback__)
+        return self._ctx.__exit__(exc_type, exc, tb)
 
 
 @dataclass
@@ -145,8 +182,33 @@ class FeatureStore:
     def n_tiles(self, mag: float | None = None) -> int:
         return int(self._get(mag, "tile_id").shape[0])
 
+    def parents(self, fine_mag: float, coarse_mag: float) -> np.ndarray:
+        """``(N_fine,)`` int64: for each tile of ``fine_mag``, the row in ``coarse_mag``'s arrays of
+        the tile that contains its centre, -1 where that tile was not kept.
+
+        Read from the ``parent_<coarse>x`` array; computed from coords and size for stores
+        written before it existed (schema_version 1).
+        """
+        fine, coarse = self._mag(fine_mag), self._mag(coarse_mag)
+        if not fine > coarse:
+            raise ValueError(f"parents: {fine_mag:g}x must be finer than {coarse_mag:g}x")
+        group = self.root[mag_key(fine)]
+        if parent_key(coarse) in group:
+            return group[parent_key(coarse)][...]
+        from slidesnake.tiling import parent_indices
+
+        return parent_indices(self.coords(fine), self.size(fine), self.coords(coarse), self.size(coarse))
+
+    def _mag(self, mag: float) -> float:
+        """The store's magnification equal (up to float rounding) to ``mag``."""
+        for m in self.magnifications:
+            if abs(m - float(mag)) <= 1e-6 * max(1.0, abs(m)):
+                return m
+        raise KeyError(f"{self.path}: no {float(mag):g}x group; store has {self.magnifications}")
+
 
 def open_store(path: str | os.PathLike) -> FeatureStore:
+    """Open a feature store read-only (see docs/features.md for its schema)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"feature store not found: {path}")

@@ -5,9 +5,14 @@ See docs/design.md ("Tile grid") for the level arithmetic and the grid table's c
 
 from __future__ import annotations
 
+import logging
 import math
+import multiprocessing as mp
 import os
+import re
+import time
 from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import openslide
@@ -15,9 +20,76 @@ import pandas as pd
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
-from slidesnake.slide import Resolution, SlideError
+from slidesnake.slide import MPP_AT_1X, Resolution, SlideError, pixel_errors
+
+log = logging.getLogger(__name__)
 
 GRID_COLUMNS = ["tile_id", "magnification", "dz_tile_size", "dz_level", "col", "row", "x", "y", "w", "h"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One entry of ``tiling.magnifications``: a magnification (``20``, ``"20x"``) or a pixel size
+    (``"0.5um"``).
+
+    A magnification is relative to the slide's objective power; a pixel size is absolute (downsample
+    = target / slide MPP), so tiles have the same size in microns on every scanner. Either way the
+    grid, the feature store and ``training.magnification`` name it by ``magnification``, for a pixel
+    size its nominal magnification 10 / mpp (0.5 um/px -> 20x).
+    """
+
+    magnification: float
+    mpp: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.mpp:g}um" if self.mpp else f"{self.magnification:g}x"
+
+    def downsample(self, resolution: Resolution) -> float:
+        """Level-0 pixels per output pixel on a slide of ``resolution``."""
+        if self.mpp:
+            return self.mpp / resolution.mpp
+        return resolution.objective_power / self.magnification
+
+
+_TARGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(x|X|um|µm|μm)\s*$")
+
+
+def parse_target(entry) -> Target:
+    """``20``, ``"20x"`` -> 20x; ``"0.5um"`` (or ``"0.5 µm"``) -> 0.5 um/px, labelled 20x."""
+    if isinstance(entry, Target):
+        return entry
+    if isinstance(entry, (int, float)) and not isinstance(entry, bool) and entry > 0:
+        return Target(float(entry))
+    m = _TARGET.match(str(entry))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"tiling.magnifications entry {entry!r} is neither a magnification "
+                         "(20 or '20x') nor a pixel size in microns ('0.5um')")
+    value = float(m.group(1))
+    return Target(value) if m.group(2) in "xX" else Target(MPP_AT_1X / value, mpp=value)
+
+
+def parse_targets(entries) -> list[Target]:
+    """Parse ``tiling.magnifications``; two entries naming the same magnification are an error."""
+    targets = [parse_target(e) for e in entries]
+    seen: dict[str, Target] = {}
+    for t in targets:
+        key = f"{t.magnification:g}"
+        if key in seen:
+            raise ValueError(f"tiling.magnifications: {seen[key].name} and {t.name} both name "
+                             f"magnification {key}x; keep one")
+        seen[key] = t
+    return targets
+
+
+def mag_label(magnification: float) -> str:
+    """``20.0`` -> ``"20x"``: how directories, columns and store groups name a magnification."""
+    return f"{float(magnification):g}x"
+
+
+def dz_overlap(overlap: int, tile_size: int, dz_tile_size: int) -> int:
+    """DeepZoom overlap (pixels of the level read) that spans ``overlap`` output pixels."""
+    return int(round(overlap * dz_tile_size / tile_size))
 
 
 @dataclass(frozen=True)
@@ -25,10 +97,13 @@ class LevelPlan:
     """How one target magnification is read from a slide."""
 
     magnification: float
-    downsample: float      # level-0 pixels per output pixel (base / target)
+    target: str            # the config entry, e.g. "20x" or "0.5um"
+    target_mpp: float | None
+    downsample: float      # level-0 pixels per output pixel
     dz_level: int          # DeepZoom level read
     dz_downsample: int     # 2 ** k: downsample of that DeepZoom level
     dz_tile_size: int      # DeepZoom tile size, resized to tile_size when it differs
+    dz_overlap: int        # DeepZoom overlap (pixels of the level read), resized to overlap
     upsampled: bool
 
     def to_dict(self) -> dict:
@@ -41,28 +116,50 @@ def plan_level(
     target: float,
     tile_size: int,
     *,
+    overlap: int = 0,
     allow_upsample: bool = False,
     slide_id: str = "?",
     path: str = "",
 ) -> LevelPlan:
-    """Pick the DeepZoom level for ``target`` from the slide's own base magnification.
+    """Pick the DeepZoom level for magnification ``target`` on a slide of base ``base_magnification``."""
+    return plan_target(dz_level_count, Resolution(MPP_AT_1X / base_magnification, "", base_magnification, ""),
+                       Target(float(target)), tile_size, overlap=overlap, allow_upsample=allow_upsample,
+                       slide_id=slide_id, path=path)
 
-    The finest DeepZoom level whose power-of-two downsample does not exceed ``base / target`` is read,
-    with a tile size scaled so that a tile always covers ``tile_size * base / target`` level-0 pixels.
+
+def plan_target(
+    dz_level_count: int,
+    resolution: Resolution,
+    target: Target,
+    tile_size: int,
+    *,
+    overlap: int = 0,
+    allow_upsample: bool = False,
+    slide_id: str = "?",
+    path: str = "",
+) -> LevelPlan:
+    """Pick the DeepZoom level for ``target`` from the slide's own resolution.
+
+    With ``d`` = level-0 pixels per output pixel, the finest DeepZoom level whose power-of-two
+    downsample does not exceed ``d`` is read, with a tile size scaled so that a tile always covers
+    ``tile_size * d`` level-0 pixels. ``d < 1`` (upsampling) is refused unless allowed.
     """
-    d = base_magnification / target
+    d = target.downsample(resolution)
     if d < 1 - 1e-6 and not allow_upsample:
-        raise SlideError(
-            slide_id, path,
-            f"magnification {target:g}x is above the slide's base {base_magnification:g}x",
-            "drop it from tiling.magnifications or set tiling.allow_upsample: true",
-        )
+        if target.mpp:
+            problem = f"target {target.mpp:g} um/px is finer than the slide's {resolution.mpp:g} um/px"
+        else:
+            problem = (f"magnification {target.magnification:g}x is above the slide's base "
+                       f"{resolution.objective_power:g}x")
+        raise SlideError(slide_id, path, problem,
+                         "drop it from tiling.magnifications or set tiling.allow_upsample: true")
     k = max(0, math.floor(math.log2(d) + 1e-6)) if d > 0 else 0
     k = min(k, dz_level_count - 1)
     dz_tile = max(1, round(tile_size * d / 2**k))
     return LevelPlan(
-        magnification=float(target), downsample=d, dz_level=dz_level_count - 1 - k,
-        dz_downsample=2**k, dz_tile_size=int(dz_tile), upsampled=d < 1 - 1e-6,
+        magnification=float(target.magnification), target=target.name, target_mpp=target.mpp,
+        downsample=d, dz_level=dz_level_count - 1 - k, dz_downsample=2**k, dz_tile_size=int(dz_tile),
+        dz_overlap=dz_overlap(overlap, tile_size, dz_tile), upsampled=d < 1 - 1e-6,
     )
 
 
@@ -76,7 +173,7 @@ def l0_offset(slide: openslide.AbstractSlide, limit_bounds: bool) -> tuple[int, 
 def build_grid(
     slide: openslide.AbstractSlide,
     resolution: Resolution,
-    magnifications: list[float],
+    magnifications: list,
     tile_size: int,
     *,
     overlap: int = 0,
@@ -87,16 +184,18 @@ def build_grid(
 ) -> tuple[pd.DataFrame, dict]:
     """The full-tile grid at every magnification, and per-magnification metadata.
 
-    Partial tiles at the right and bottom edges are dropped (and counted), so every tile has the
-    same physical size.
+    ``magnifications`` holds ``tiling.magnifications`` entries (see :func:`parse_target`). Partial
+    tiles at the right and bottom edges are dropped (and counted), so every tile has the same
+    physical size. Each tile of a finer magnification gets the ``tile_id`` of the tile containing
+    its centre at every coarser one (columns ``parent_<m>x``, see :func:`add_parent_columns`).
     """
     frames, info = [], {}
     ox, oy = l0_offset(slide, limit_bounds)
-    for mag in magnifications:
-        probe = DeepZoomGenerator(slide, tile_size=tile_size, overlap=overlap, limit_bounds=limit_bounds)
-        plan = plan_level(probe.level_count, resolution.objective_power, mag, tile_size,
-                          allow_upsample=allow_upsample, slide_id=slide_id, path=path)
-        dz = DeepZoomGenerator(slide, tile_size=plan.dz_tile_size, overlap=overlap, limit_bounds=limit_bounds)
+    level_count = DeepZoomGenerator(slide, tile_size=tile_size, overlap=0, limit_bounds=limit_bounds).level_count
+    for target in parse_targets(magnifications):
+        plan = plan_target(level_count, resolution, target, tile_size, overlap=overlap,
+                           allow_upsample=allow_upsample, slide_id=slide_id, path=path)
+        dz = DeepZoomGenerator(slide, tile_size=plan.dz_tile_size, overlap=0, limit_bounds=limit_bounds)
         level_w, level_h = dz.level_dimensions[plan.dz_level]
         cols_all, rows_all = dz.level_tiles[plan.dz_level]
         ncol, nrow = level_w // plan.dz_tile_size, level_h // plan.dz_tile_size
@@ -105,25 +204,46 @@ def build_grid(
         # A DeepZoom level's downsample is exactly 2**k (DeepZoom rounds level sizes up).
         step = plan.dz_tile_size * plan.dz_downsample
         frames.append(pd.DataFrame({
-            "magnification": float(mag),
-            "dz_tile_size": np.int32(plan.dz_tile_size),
-            "dz_level": np.int32(plan.dz_level),
+            "magnification": np.full(len(col), plan.magnification, np.float64),
+            "dz_tile_size": np.full(len(col), plan.dz_tile_size, np.int32),
+            "dz_level": np.full(len(col), plan.dz_level, np.int32),
             "col": col.astype(np.int32),
             "row": row.astype(np.int32),
             "x": (ox + col * step).astype(np.int64),
             "y": (oy + row * step).astype(np.int64),
-            "w": np.int64(step),
-            "h": np.int64(step),
+            "w": np.full(len(col), step, np.int64),
+            "h": np.full(len(col), step, np.int64),
         }))
-        info[f"{mag:g}"] = {
+        info[f"{plan.magnification:g}"] = {
             **plan.to_dict(),
             "tile_um": tile_size * plan.downsample * resolution.mpp,
+            "tile_um_y": tile_size * plan.downsample * resolution.mpp_y,
             "n_tiles": int(ncol * nrow),
             "n_partial_dropped": int(cols_all * rows_all - ncol * nrow),
         }
-    grid = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=GRID_COLUMNS[1:])
+    grid = pd.concat(frames, ignore_index=True)
     grid.insert(0, "tile_id", np.arange(len(grid), dtype=np.int64))
-    return grid[GRID_COLUMNS], info
+    return add_parent_columns(grid[GRID_COLUMNS]), info
+
+
+def add_parent_columns(grid: pd.DataFrame) -> pd.DataFrame:
+    """Add ``parent_<m>x`` (int64) for every magnification ``m`` of the grid but the finest.
+
+    For a tile at a finer magnification it is the ``tile_id`` of the ``m`` tile containing the
+    tile's centre, -1 when that falls in a dropped partial tile; rows at ``m`` or coarser hold -1.
+    """
+    mags = sorted(grid["magnification"].unique())
+    out = grid.copy()
+    mag_of = grid["magnification"].to_numpy()
+    for coarse in mags[:-1]:
+        col = np.full(len(grid), -1, np.int64)
+        c = grid[mag_of == coarse]
+        fine = mag_of > coarse
+        rows = parent_indices(grid.loc[fine, ["x", "y"]], grid.loc[fine, ["w", "h"]],
+                              c[["x", "y"]], c[["w", "h"]])
+        col[fine] = np.where(rows >= 0, c["tile_id"].to_numpy()[rows], -1)
+        out[f"parent_{mag_label(coarse)}"] = col
+    return out
 
 
 def slide_metadata(slide: openslide.AbstractSlide, slide_id: str, path: str, resolution: Resolution) -> dict:
@@ -141,34 +261,126 @@ def slide_metadata(slide: openslide.AbstractSlide, slide_id: str, path: str, res
 
 
 class TileReader:
-    """Reads grid tiles from a slide as uint8 RGB arrays of ``tile_size``; one per process.
+    """Reads grid tiles from a slide as uint8 RGB arrays of ``tile_size + 2 * overlap``; one per process.
+
+    Every tile covers the same physical area: ``tile_size + 2 * overlap`` output pixels centred on the
+    grid tile. DeepZoom leaves out the overlap on the slide's first row and column (and beyond its
+    last); those sides are padded with the slide's background colour, never stretched. With
+    ``dz_tile_size != tile_size`` the DeepZoom overlap is scaled likewise (:func:`dz_overlap`).
 
     Opens its OpenSlide handle lazily, so instances can be created in a parent process and used in
-    DataLoader or multiprocessing workers.
+    DataLoader or multiprocessing workers. Pixel-decoding errors are raised as one-line SlideErrors.
     """
 
-    def __init__(self, path: str | os.PathLike, tile_size: int, overlap: int = 0, limit_bounds: bool = False):
+    def __init__(self, path: str | os.PathLike, tile_size: int, overlap: int = 0, limit_bounds: bool = False,
+                 slide_id: str | None = None):
         self.path, self.tile_size, self.overlap, self.limit_bounds = str(path), tile_size, overlap, limit_bounds
+        self.slide_id = slide_id or os.path.basename(self.path)
         self._slide = None
         self._dz: dict[int, DeepZoomGenerator] = {}
 
     def __getstate__(self):
         return {**self.__dict__, "_slide": None, "_dz": {}}
 
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def fresh(self) -> "TileReader":
+        """A copy without open handles (for a forked worker: never share the parent's handle)."""
+        new = object.__new__(type(self))
+        new.__setstate__(self.__getstate__())
+        return new
+
     def _generator(self, dz_tile_size: int) -> DeepZoomGenerator:
         if self._slide is None:
             self._slide = openslide.open_slide(self.path)
+            self._bg = "#" + self._slide.properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR, "ffffff")
         if dz_tile_size not in self._dz:
             self._dz[dz_tile_size] = DeepZoomGenerator(
-                self._slide, tile_size=dz_tile_size, overlap=self.overlap, limit_bounds=self.limit_bounds)
+                self._slide, tile_size=dz_tile_size, limit_bounds=self.limit_bounds,
+                overlap=dz_overlap(self.overlap, self.tile_size, dz_tile_size))
         return self._dz[dz_tile_size]
 
+    def native_size(self, dz_tile_size: int) -> int:
+        """Side in pixels of :meth:`read_native`'s tiles."""
+        return int(dz_tile_size) + 2 * dz_overlap(self.overlap, self.tile_size, int(dz_tile_size))
+
+    def read_native(self, dz_tile_size: int, dz_level: int, col: int, row: int) -> Image.Image:
+        """The tile at DeepZoom resolution, ``native_size(dz_tile_size)`` square, RGB."""
+        dz_tile_size, col, row = int(dz_tile_size), int(col), int(row)
+        with pixel_errors(self.slide_id, self.path):
+            tile = self._generator(dz_tile_size).get_tile(int(dz_level), (col, row))
+        side = self.native_size(dz_tile_size)
+        if tile.size != (side, side):
+            ov = dz_overlap(self.overlap, self.tile_size, dz_tile_size)
+            canvas = Image.new("RGB", (side, side), self._bg)
+            canvas.paste(tile, (ov if col == 0 else 0, ov if row == 0 else 0))
+            tile = canvas
+        return tile if tile.mode == "RGB" else tile.convert("RGB")
+
     def read(self, dz_tile_size: int, dz_level: int, col: int, row: int) -> np.ndarray:
-        tile = self._generator(int(dz_tile_size)).get_tile(int(dz_level), (int(col), int(row))).convert("RGB")
+        tile = self.read_native(dz_tile_size, dz_level, col, row)
         out = self.tile_size + 2 * self.overlap
         if tile.size != (out, out):
             tile = tile.resize((out, out), Image.BILINEAR)
         return np.asarray(tile)
+
+
+ADDRESS_COLUMNS = ["dz_tile_size", "dz_level", "col", "row"]
+
+_WORKER: tuple[TileReader, Callable] | None = None
+
+
+def _init_worker(reader: TileReader, fn: Callable) -> None:
+    global _WORKER
+    _WORKER = (reader.fresh(), fn)
+
+
+def _run_chunk(rows: np.ndarray) -> list:
+    reader, fn = _WORKER
+    return [fn(reader, row) for row in rows]
+
+
+def map_tiles(fn: Callable, tiles: pd.DataFrame, reader: TileReader, threads: int = 1, *,
+              chunk: int = 64, what: str = "read") -> list:
+    """``[fn(reader, address) for each tile]`` in order, in ``threads`` worker processes.
+
+    ``address`` is the tile's ``(dz_tile_size, dz_level, col, row)``; each worker has its own
+    reader (own OpenSlide handle). Workers are forked where the platform can: spawn (and
+    forkserver) re-import the parent's ``__main__``, which for a Snakemake script is the whole
+    script (it would run again in every worker). ``fn`` must be a module-level function (or a
+    ``functools.partial`` of one). Progress is logged about every 10%.
+    """
+    rows = tiles[ADDRESS_COLUMNS].to_numpy(np.int64)
+    chunks = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
+    if not chunks:
+        return []
+    t0, done, out = time.monotonic(), 0, []
+    step = max(1, len(chunks) // 10)
+
+    def results():
+        if threads <= 1 or len(chunks) == 1:
+            _init_worker(reader, fn)
+            yield from map(_run_chunk, chunks)
+            return
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        with mp.get_context(method).Pool(threads, initializer=_init_worker, initargs=(reader, fn)) as pool:
+            yield from pool.imap(_run_chunk, chunks)
+
+    for i, res in enumerate(results()):
+        out.extend(res)
+        done += len(res)
+        if (i + 1) % step == 0 or done == len(rows):
+            log.info("%s %d/%d tiles (%.0f tiles/s)", what, done, len(rows), done / (time.monotonic() - t0))
+    return out
+
+
+def export_tile(reader: TileReader, address, *, directory: str, fmt: str = "jpeg", quality: int = 90) -> None:
+    """Write one tile as ``<directory>/<col>_<row>.<fmt>`` (CMA-MIL's patch naming)."""
+    tile = reader.read(*address)
+    _, _, col, row = (int(a) for a in address)
+    Image.fromarray(tile).save(os.path.join(directory, f"{col}_{row}.{fmt}"), format=fmt.upper(),
+                               **({"quality": int(quality)} if fmt == "jpeg" else {}))
 
 
 def parent_indices(fine_xy: np.ndarray, fine_wh: np.ndarray, coarse_xy: np.ndarray,
@@ -176,8 +388,9 @@ def parent_indices(fine_xy: np.ndarray, fine_wh: np.ndarray, coarse_xy: np.ndarr
     """For each fine tile, the row of the coarse tile that contains its centre (-1 if none).
 
     All boxes are level-0 (x, y, w, h). Coarse tiles of one grid do not overlap (overlap 0) or
-    overlap by a margin; the first containing row wins. Vectorised via the coarse grid's own
-    regular spacing, so it is linear in the number of tiles.
+    overlap by a margin; the first containing row wins. A coarse grid of equal boxes on a regular
+    lattice (every grid that :func:`build_grid` makes) is looked up in one vectorised step; other
+    boxes fall back to a sweep over candidates sorted by x.
     """
     fine_xy, fine_wh = np.asarray(fine_xy, np.int64), np.asarray(fine_wh, np.int64)
     coarse_xy, coarse_wh = np.asarray(coarse_xy, np.int64), np.asarray(coarse_wh, np.int64)
@@ -185,6 +398,9 @@ def parent_indices(fine_xy: np.ndarray, fine_wh: np.ndarray, coarse_xy: np.ndarr
     if len(fine_xy) == 0 or len(coarse_xy) == 0:
         return out
     centre = fine_xy * 2 + fine_wh  # doubled, to stay in integers
+    lattice = _lattice_lookup(centre, coarse_xy, coarse_wh)
+    if lattice is not None:
+        return lattice
     lo, hi = coarse_xy * 2, (coarse_xy + coarse_wh) * 2
     # Sort coarse tiles by x so each fine centre only checks candidates whose x-range covers it.
     order = np.argsort(lo[:, 0], kind="stable")
@@ -199,4 +415,31 @@ def parent_indices(fine_xy: np.ndarray, fine_wh: np.ndarray, coarse_xy: np.ndarr
         hit = cand[inside]
         if len(hit):
             out[i] = hit.min()
+    return out
+
+
+def _lattice_lookup(centre2: np.ndarray, coarse_xy: np.ndarray, coarse_wh: np.ndarray) -> np.ndarray | None:
+    """Parent rows via lattice arithmetic when the coarse boxes tile a regular lattice; else None.
+
+    ``centre2`` holds doubled fine centres. Requires equal boxes, origins on the lattice spanned by
+    the box size, and no two boxes at one lattice position.
+    """
+    w, h = coarse_wh[0]
+    if w <= 0 or h <= 0 or (coarse_wh != (w, h)).any():
+        return None
+    x0, y0 = coarse_xy.min(axis=0)
+    dx, dy = coarse_xy[:, 0] - x0, coarse_xy[:, 1] - y0
+    if (dx % w).any() or (dy % h).any():
+        return None
+    ci, ri = dx // w, dy // h
+    ncol, nrow = int(ci.max()) + 1, int(ri.max()) + 1
+    table = np.full((nrow, ncol), -1, np.int64)
+    table[ri, ci] = np.arange(len(coarse_xy))
+    if (table >= 0).sum() != len(coarse_xy):  # duplicates: let the sweep decide ties
+        return None
+    fc = (centre2[:, 0] - 2 * x0) // (2 * w)
+    fr = (centre2[:, 1] - 2 * y0) // (2 * h)
+    inside = (fc >= 0) & (fc < ncol) & (fr >= 0) & (fr < nrow)
+    out = np.full(len(centre2), -1, np.int64)
+    out[inside] = table[fr[inside], fc[inside]]
     return out

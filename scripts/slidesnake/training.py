@@ -2,10 +2,12 @@
 
 The entry points used by ``scripts/train.py`` and the heatmap stage:
 
-- :func:`load_bags` reads one magnification of each slide's Zarr feature store;
-- :func:`train_fold` trains one fold and predicts every slide of it;
+- :func:`load_bags` reads the bags of the model's ``bag_type`` from the Zarr feature stores: one
+  magnification of each slide (flat), several magnifications with parent links (multiscale) or
+  every slide of a patient grouped by stain (hierarchical; see :mod:`slidesnake.bags`);
+- :func:`train_fold` trains one fold and predicts every bag (slide, or patient for case bags) of it;
 - :func:`save_checkpoint` / :func:`load_checkpoint` (``torch.load(weights_only=True)``);
-- :func:`predict_bag` applies a checkpoint (standardisation included) to one bag.
+- :func:`predict_bag` / :func:`predict_output` apply a checkpoint (standardisation included) to one bag.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import pandas as pd
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
+from slidesnake.bags import (case_rows, check_bag_type, empty_reason, feature_arrays, feature_dims,
+                             load_structured_bags, map_features, stores_by_slide, to_device)
 from slidesnake.evaluate import auc_score
 from slidesnake.io import atomic_path
-from slidesnake.models import MILModel, create_model
+from slidesnake.models import MILModel, MILOutput, create_model, get_model_class
 from slidesnake.splits import check_splits
 
 _log = logging.getLogger("slidesnake.training")
@@ -59,24 +63,28 @@ def slide_id_of_store(path: str | os.PathLike) -> str:
 
 
 def load_bags(stores: Sequence[str | os.PathLike], magnification: float | None,
-              slide_ids: Sequence[str] | None = None, log: logging.Logger | None = None) -> dict[str, np.ndarray]:
-    """Features ``(N, D) float32`` of one magnification from each ``<slide_id>.zarr`` store.
+              slide_ids: Sequence[str] | None = None, log: logging.Logger | None = None, *,
+              bag_type: str = "flat", magnifications: Sequence[float] | None = None,
+              samples: pd.DataFrame | None = None) -> dict:
+    """The bags of ``bag_type`` read once from the ``<slide_id>.zarr`` stores.
 
-    With ``slide_ids`` only those slides are read, and each must have a store.
+    ``flat``: slide_id -> features ``(N, D) float32`` of ``magnification``. ``multiscale``:
+    slide_id -> :class:`~slidesnake.bags.MultiscaleBag` at ``magnifications``. ``hierarchical``:
+    patient_id -> :class:`~slidesnake.bags.CaseBag` of the patient's slides (``samples``: the sample
+    sheet, for patient and stain) at ``magnification``. With ``slide_ids`` only those slides are
+    read, and each must have a store.
     """
     from slidesnake.store import open_store
 
     log = log or _log
-    by_id: dict[str, Path] = {}
-    for p in stores:
-        sid = slide_id_of_store(p)
-        if sid in by_id:
-            raise ValueError(f"two feature stores for slide {sid!r}: {by_id[sid]} and {p}")
-        by_id[sid] = Path(p)
+    by_id = stores_by_slide(stores)
     wanted = list(by_id) if slide_ids is None else [str(s) for s in slide_ids]
     missing = [s for s in wanted if s not in by_id]
     if missing:
         raise KeyError(f"no feature store for slide(s) {missing[:10]} ({len(missing)} in all)")
+    if bag_type != "flat":
+        return load_structured_bags(by_id, bag_type, wanted, magnification=magnification,
+                                    magnifications=magnifications, samples=samples, log=log)
     bags = {}
     for sid in wanted:
         store = open_store(by_id[sid])
@@ -104,6 +112,14 @@ def _feature_stats(arrays: Sequence[np.ndarray], dim: int) -> tuple[np.ndarray, 
     std = np.sqrt(var)
     std[std < STD_EPS] = 1.0  # constant dimensions: centre only
     return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _standardise(bag, mean: torch.Tensor, std: torch.Tensor, device: torch.device):
+    """A bag of any type as float32 tensors on ``device``, standardised with ``mean`` / ``std``."""
+    def one(a):
+        return (torch.from_numpy(np.asarray(a, dtype=np.float32)) - mean) / std
+
+    return to_device(map_features(bag, one), device)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -150,19 +166,20 @@ def _predict(model: MILModel, bags: list[torch.Tensor], y: np.ndarray | None = N
              weights: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
     """Class probabilities of each bag and (with ``y``) the mean loss."""
     model.eval()
+    dev = next(model.parameters()).device
     probs, losses = [], []
     for i, bag in enumerate(bags):
         out = model(bag)
         probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
         if y is not None:
-            label = torch.tensor(int(y[i]), device=bag.device)
+            label = torch.tensor(int(y[i]), device=dev)
             losses.append(float(model.loss(out, label, weights)["total"]))
     probs_arr = np.stack(probs) if probs else np.zeros((0, model.n_classes))
     return probs_arr, float(np.mean(losses)) if losses else float("nan")
 
 
 def train_fold(
-    bags: Mapping[str, np.ndarray],
+    bags: Mapping[str, object],
     splits_fold: pd.DataFrame,
     classes: Sequence,
     model_name: str = "abmil",
@@ -183,9 +200,15 @@ def train_fold(
 ) -> TrainResult:
     """Train one fold; return the best model (lowest val loss), history and predictions.
 
-    ``bags`` maps slide_id -> ``(N, D)`` features; ``splits_fold`` is one fold's rows of splits.csv.
-    Features are standardised with the per-dimension mean/std of all training tiles. Slides with
-    an empty bag are skipped (warning) and get no prediction row.
+    ``splits_fold`` is one fold's rows of splits.csv. ``bags`` holds bags of the model's
+    ``bag_type`` (see :func:`load_bags`): flat and multiscale bags are keyed by slide_id; case bags
+    (hierarchical models) by patient_id, and then the prediction unit is the patient (the fold's
+    rows are reduced to one per patient, :func:`slidesnake.bags.case_rows`, whose ``slide_id`` is
+    the patient id). Features are standardised with the per-dimension mean/std of all training
+    tiles (every magnification / slide of the training bags). Empty bags (for multiscale: no tile
+    at some magnification) are skipped (warning) and get no prediction row. Constructor arguments
+    that a model reads off the bags (``MILModel.infer_kwargs``, e.g. the magnifications) are added
+    to ``model_kwargs`` and saved with them.
     """
     log = log or _log
     classes = [str(c) for c in classes]
@@ -199,19 +222,29 @@ def train_fold(
     if len(folds) != 1:
         raise ValueError(f"train_fold expects the rows of one fold; got folds {sorted(folds)}")
     fold = int(folds[0])
+    model_cls = get_model_class(model_name)
+    bag_type = model_cls.bag_type
+    unit = "patient" if bag_type == "hierarchical" else "slide"
+    if bag_type == "hierarchical":
+        df = case_rows(df)
+    unit_order = {s: i for i, s in enumerate(df["slide_id"])}
     bad = sorted(set(df["label"]) - set(classes))
     if bad:
         raise ValueError(f"fold {fold}: label(s) {bad} not in classes {classes}")
     missing = [s for s in df["slide_id"] if s not in bags]
     if missing:
-        raise KeyError(f"fold {fold}: no features for slide(s) {missing[:10]} ({len(missing)} in all)")
+        raise KeyError(f"fold {fold}: no features for {unit}(s) {missing[:10]} ({len(missing)} in all)")
+    for s in df["slide_id"]:
+        check_bag_type(bags[s], bag_type, f"fold {fold}: {unit} {s}")
 
-    skipped = [s for s in df["slide_id"] if len(bags[s]) == 0]
+    reasons = {s: empty_reason(bags[s]) for s in df["slide_id"]}
+    skipped = [s for s in df["slide_id"] if reasons[s]]
     for s in skipped:
         split = df.loc[df["slide_id"] == s, "split"].iloc[0]
-        log.warning("fold %d: slide %s has an empty bag (0 tiles); skipped (%s split, no prediction)", fold, s, split)
+        log.warning("fold %d: %s %s has an %s; skipped (%s split, no prediction)", fold, unit, s,
+                    reasons[s] if reasons[s].startswith("empty") else f"unusable bag ({reasons[s]})", split)
     df = df[~df["slide_id"].isin(skipped)].reset_index(drop=True)
-    dims = {np.asarray(bags[s]).shape[1] for s in df["slide_id"]}
+    dims = set().union(*(feature_dims(bags[s]) for s in df["slide_id"]))
     if len(dims) != 1:
         raise ValueError(f"fold {fold}: bags have different feature dimensions {sorted(dims)}")
     in_dim = dims.pop()
@@ -224,20 +257,23 @@ def train_fold(
     dev = _resolve_device(device)
     if dev.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    mean, std = _feature_stats([np.asarray(bags[s]) for s in parts["train"]["slide_id"]], in_dim)
+    mean, std = _feature_stats([np.asarray(a) for s in parts["train"]["slide_id"] for a in feature_arrays(bags[s])],
+                               in_dim)
     mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
-    tensors = {
-        s: ((torch.from_numpy(np.asarray(bags[s], dtype=np.float32)) - mean_t) / std_t).to(dev)
-        for s in df["slide_id"]
-    }
+    tensors = {s: _standardise(bags[s], mean_t, std_t, dev) for s in df["slide_id"]}
+    # Bags are read once; constructor arguments a model reads off them (e.g. magnifications) are saved.
+    for k, v in model_cls.infer_kwargs(bags[parts["train"]["slide_id"].iloc[0]]).items():
+        if k in model_kwargs and _plain(model_kwargs[k]) != _plain(v):
+            raise ValueError(f"fold {fold}: model_kwargs {k}={model_kwargs[k]!r} but the bags give {v!r}")
+        model_kwargs.setdefault(k, v)
     cls_index = {c: i for i, c in enumerate(classes)}
     y = {name: part["label"].map(cls_index).to_numpy() for name, part in parts.items()}
     x = {name: [tensors[s] for s in part["slide_id"]] for name, part in parts.items()}
     weights = _class_weights(class_weights, y["train"], classes, log)
     weights_t = torch.tensor(weights, dtype=torch.float32, device=dev)
     log.info(
-        "fold %d: %s on %s; %d train / %d val / %d test bags, dim %d; class weights %s",
-        fold, model_name, dev, len(x["train"]), len(x["val"]), len(x["test"]), in_dim,
+        "fold %d: %s on %s; %d train / %d val / %d test %s bags, dim %d; class weights %s",
+        fold, model_name, dev, len(x["train"]), len(x["val"]), len(x["test"]), bag_type, in_dim,
         dict(zip(classes, np.round(weights, 4).tolist())),
     )
 
@@ -311,8 +347,7 @@ def train_fold(
         torch.use_deterministic_algorithms(was_deterministic)
 
     predictions = pd.concat(preds, ignore_index=True)
-    order = {s: i for i, s in enumerate(splits_fold["slide_id"].astype(str))}
-    predictions = predictions.sort_values("slide_id", key=lambda s: s.map(order)).reset_index(drop=True)
+    predictions = predictions.sort_values("slide_id", key=lambda s: s.map(unit_order)).reset_index(drop=True)
     return TrainResult(
         model=model, history=pd.DataFrame(rows), predictions=predictions, best_epoch=best_epoch,
         model_name=model_name, model_kwargs=model_kwargs, in_dim=int(in_dim), classes=classes,
@@ -373,16 +408,31 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[MILMo
 
 
 @torch.no_grad()
-def predict_bag(model: MILModel, ckpt: Mapping, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities ``(n_classes,)`` and attention ``(N,)`` of one bag, standardised as in training."""
-    features = np.asarray(features, dtype=np.float32)
-    if features.ndim != 2 or len(features) == 0:
-        raise ValueError(f"predict_bag needs a non-empty (N, D) bag; got shape {features.shape}")
+def predict_output(model: MILModel, ckpt: Mapping, bag) -> tuple[np.ndarray, MILOutput]:
+    """Class probabilities ``(n_classes,)`` and the model's full output for one bag of its
+    ``bag_type`` (numpy or tensors), standardised as in training; the model is put in eval mode."""
+    check_bag_type(bag, model.bag_type, "predict")
+    reason = empty_reason(bag)
+    if reason or (model.bag_type == "flat" and np.ndim(bag) != 2):
+        raise ValueError(f"predict needs a non-empty bag; got {reason or f'shape {np.shape(bag)}'}")
     dev = next(model.parameters()).device
     mean = torch.as_tensor(ckpt["feature_mean"], dtype=torch.float32)
     std = torch.as_tensor(ckpt["feature_std"], dtype=torch.float32)
-    bag = ((torch.from_numpy(features) - mean) / std).to(dev)
     model.eval()
-    out = model(bag)
-    probs = torch.softmax(out.logits.float(), dim=-1)
-    return probs.cpu().numpy(), out.attention.float().cpu().numpy()
+    out = model(_standardise(bag, mean, std, dev))
+    return torch.softmax(out.logits.float(), dim=-1).cpu().numpy(), out
+
+
+@torch.no_grad()
+def predict_bag(model: MILModel, ckpt: Mapping, features) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities ``(n_classes,)`` and attention ``(N,)`` of one bag, standardised as in training.
+
+    ``features``: a flat ``(N, D)`` bag, or a structured bag of the model's ``bag_type`` (then the
+    attention is the model's ``MILOutput.attention``; :func:`predict_output` gives the extras).
+    """
+    if model.bag_type == "flat":
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or len(features) == 0:
+            raise ValueError(f"predict_bag needs a non-empty (N, D) bag; got shape {features.shape}")
+    probs, out = predict_output(model, ckpt, features)
+    return probs, out.attention.float().cpu().numpy()

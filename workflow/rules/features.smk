@@ -12,16 +12,12 @@ rule extract_features:
         num_workers=config["features"]["num_workers"],
         device=config["features"]["device"],
         feature_dtype=config["features"]["feature_dtype"],
+        compile=config["features"]["compile"],
     log:
         f"logs/extract_features/{BACKBONE}/{{slide}}.log",
     benchmark:
         f"benchmarks/extract_features/{BACKBONE}/{{slide}}.tsv"
     conda:
         "../../envs/features.yaml"
-    threads: config["features"]["threads"]
-    resources:
-        mem_mb=config["features"]["mem_mb"],
-        runtime=120,
-        gpu=config["features"]["gpu"],
     script:
         "../../scripts/extract_features.py"

@@ -3,11 +3,26 @@ rule heatmap:
         slide=slide_path,
         store=f"{OUT}/features/{BACKBONE}/{{slide}}.zarr",
         splits=rules.make_splits.output.splits,
-        models=fold_models,
+        # The fold models (params.models) come with the cohort summary: its job runs after every
+        # train job (which writes model.pt with predictions.csv). Listing the K models here instead
+        # makes DAG building quadratic in the cohort size (Snakemake scans each train job's
+        # N-slide input list once per heatmap; see docs/benchmarks.md).
+        summary=rules.summarize.output.summary,
+        # the whole case, for hierarchical (patient-level) models
+        samples=config["samples"],
+        case_stores=patient_stores,
     output:
-        png=f"{OUT}/heatmaps/{MODEL}/{{slide}}.png",
+        png=report(
+            f"{OUT}/heatmaps/{MODEL}/{{slide}}.png",
+            caption="../report/heatmap.rst",
+            category="Heatmaps",
+            subcategory=lambda wildcards: f"label: {_LABEL[wildcards.slide]}",
+            labels=slide_labels,
+        ),
     params:
+        models=fold_models(),
         magnification=config["training"]["magnification"],
+        magnifications=TRAIN_MAGNIFICATIONS,
         thumbnail_size=config["heatmap"]["thumbnail_size"],
         alpha=config["heatmap"]["alpha"],
         cmap=config["heatmap"]["cmap"],
@@ -18,9 +33,5 @@ rule heatmap:
         f"benchmarks/heatmap/{MODEL}/{{slide}}.tsv"
     conda:
         "../../envs/heatmaps.yaml"
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     script:
         "../../scripts/heatmap.py"

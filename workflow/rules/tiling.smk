@@ -6,7 +6,7 @@ rule tile:
         meta=f"{OUT}/tiles/{{slide}}/slide.json",
     params:
         mpp=slide_mpp,
-        magnifications=config["tiling"]["magnifications"],
+        magnifications=config["tiling"]["magnifications"],  # entries: 20, "20x" or "0.5um"
         tile_size=config["tiling"]["tile_size"],
         overlap=config["tiling"]["overlap"],
         limit_bounds=config["tiling"]["limit_bounds"],
@@ -19,10 +19,6 @@ rule tile:
         "benchmarks/tile/{slide}.tsv"
     conda:
         "../../envs/tiling.yaml"
-    threads: 1
-    resources:
-        mem_mb=config["tiling"]["mem_mb"],
-        runtime=30,
     script:
         "../../scripts/tile.py"
 
@@ -34,9 +30,16 @@ rule filter_tissue:
         meta=rules.tile.output.meta,
     output:
         tiles=f"{OUT}/tissue/{{slide}}/tiles.parquet",
-        thumbnail=f"{OUT}/qc/{{slide}}/thumbnail.png",
+        thumbnail=report(
+            f"{OUT}/qc/{{slide}}/thumbnail.png",
+            caption="../report/qc_thumbnail.rst",
+            category="Tissue QC",
+            labels=slide_labels,
+        ),
+        geojson=f"{OUT}/qc/{{slide}}/tissue.geojson",
+        qc=f"{OUT}/qc/{{slide}}/qc.json",
     params:
-        edge_threshold=config["tissue"]["edge_threshold"],
+        tissue=config["tissue"],
         thumbnail_size=config["tissue"]["thumbnail_size"],
     log:
         "logs/filter_tissue/{slide}.log",
@@ -44,9 +47,41 @@ rule filter_tissue:
         "benchmarks/filter_tissue/{slide}.tsv"
     conda:
         "../../envs/tiling.yaml"
-    threads: config["tissue"]["threads"]
-    resources:
-        mem_mb=config["tissue"]["mem_mb"],
-        runtime=60,
     script:
         "../../scripts/filter_tissue.py"
+
+
+rule qc_table:
+    input:
+        qc=expand(rules.filter_tissue.output.qc, slide=SLIDES),
+    output:
+        table=f"{OUT}/qc/slides.tsv",
+    log:
+        "logs/qc_table.log",
+    conda:
+        "../../envs/tiling.yaml"
+    script:
+        "../../scripts/qc_table.py"
+
+
+# Optional (config export_tiles.enabled): kept tiles as image files in CMA-MIL's layout, one
+# directory per magnification: patches_<mag>x/<label>/<slide_id>/<col>_<row>.<format>.
+rule export_tiles:
+    input:
+        slide=slide_path,
+        tiles=rules.filter_tissue.output.tiles,
+        meta=rules.tile.output.meta,
+    output:
+        [directory(f"{OUT}/patches/patches_{mag_label(m)}/{{label}}/{{slide}}") for m in TILE_MAGNIFICATIONS],
+    params:
+        magnifications=TILE_MAGNIFICATIONS,
+        format=config["export_tiles"]["format"],
+        quality=config["export_tiles"]["quality"],
+    wildcard_constraints:
+        label="[^/]+",
+    log:
+        "logs/export_tiles/{label}/{slide}.log",
+    conda:
+        "../../envs/tiling.yaml"
+    script:
+        "../../scripts/export_tiles.py"

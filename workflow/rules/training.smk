@@ -13,10 +13,6 @@ rule make_splits:
         "benchmarks/make_splits.tsv"
     conda:
         "../../envs/training.yaml"
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
     script:
         "../../scripts/make_splits.py"
 
@@ -25,6 +21,8 @@ rule train:
     input:
         splits=rules.make_splits.output.splits,
         features=feature_stores,
+        # patient and stain of every slide (case bags of hierarchical models)
+        samples=config["samples"],
     output:
         model=f"{OUT}/models/{MODEL}/fold_{{fold}}/model.pt",
         history=f"{OUT}/models/{MODEL}/fold_{{fold}}/history.csv",
@@ -34,6 +32,7 @@ rule train:
         model=MODEL,
         model_kwargs=config["training"]["model_kwargs"],
         magnification=config["training"]["magnification"],
+        magnifications=TRAIN_MAGNIFICATIONS,
         classes=config["classes"],
         training={
             k: config["training"][k]
@@ -46,11 +45,6 @@ rule train:
         f"benchmarks/train/{MODEL}/fold_{{fold}}.tsv"
     conda:
         "../../envs/training.yaml"
-    threads: config["training"]["threads"]
-    resources:
-        mem_mb=config["training"]["mem_mb"],
-        runtime=240,
-        gpu=config["training"]["gpu"],
     script:
         "../../scripts/train.py"
 
@@ -59,21 +53,44 @@ rule summarize:
     input:
         predictions=expand(f"{OUT}/models/{MODEL}/fold_{{fold}}/predictions.csv", fold=FOLDS),
     output:
-        summary=f"{OUT}/summary/{MODEL}/summary.csv",
-        predictions=f"{OUT}/summary/{MODEL}/predictions.csv",
-        roc=f"{OUT}/summary/{MODEL}/roc.png",
-        confusion=f"{OUT}/summary/{MODEL}/confusion.png",
+        summary=report(
+            f"{OUT}/summary/{MODEL}/summary.csv",
+            caption="../report/summary.rst",
+            category="Cohort",
+            subcategory=MODEL,
+        ),
+        summary_ci=report(
+            f"{OUT}/summary/{MODEL}/summary_ci.csv",
+            caption="../report/summary_ci.rst",
+            category="Cohort",
+            subcategory=MODEL,
+        ),
+        predictions=report(
+            f"{OUT}/summary/{MODEL}/predictions.csv",
+            caption="../report/predictions.rst",
+            category="Cohort",
+            subcategory=MODEL,
+        ),
+        roc=report(
+            f"{OUT}/summary/{MODEL}/roc.png",
+            caption="../report/roc.rst",
+            category="Cohort",
+            subcategory=MODEL,
+        ),
+        confusion=report(
+            f"{OUT}/summary/{MODEL}/confusion.png",
+            caption="../report/confusion.rst",
+            category="Cohort",
+            subcategory=MODEL,
+        ),
     params:
         classes=config["classes"],
+        evaluation=config["evaluation"],
     log:
         f"logs/summarize/{MODEL}.log",
     benchmark:
         f"benchmarks/summarize/{MODEL}.tsv"
     conda:
         "../../envs/training.yaml"
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     script:
         "../../scripts/summarize.py"

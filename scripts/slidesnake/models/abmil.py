@@ -21,6 +21,12 @@ class ABMIL(MILModel):
                                         dropout=attention_dropout)
         self.classifier = nn.Linear(hidden, n_classes)
 
+    @classmethod
+    def search_space(cls, trial) -> dict:
+        """Model knobs searched by slidesnake.tuning (lr, weight_decay and dropout are searched there)."""
+        return {"hidden": trial.suggest_categorical("hidden", [64, 128, 256, 512]),
+                "gated": trial.suggest_categorical("gated", [True, False])}
+
     def forward(self, bag: Tensor) -> MILOutput:
         self.check_bag(bag)
         h = self.projector(bag)

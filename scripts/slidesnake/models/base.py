@@ -4,6 +4,11 @@
 ``(n_classes,)``, ``attention`` ``(N,)`` softmax-normalised over the bag (used for heatmaps) and
 model-specific ``extras``. ``loss(output, label)`` returns named loss terms plus ``"total"``, the sum
 that training optimises.
+
+``bag_type`` (class attribute) says what ``forward`` reads: ``"flat"`` (the ``(N, D)`` bag above),
+``"multiscale"`` (:class:`slidesnake.bags.MultiscaleBag`: one slide at several magnifications with
+parent links) or ``"hierarchical"`` (:class:`slidesnake.bags.CaseBag`: a patient's slides grouped by
+stain). The training and inference code builds the matching bag from the feature stores.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ class MILModel(nn.Module):
     """Base class: stores ``in_dim`` / ``n_classes``; default loss is (weighted) cross-entropy."""
 
     model_name: ClassVar[str] = ""
+    #: What ``forward`` reads: "flat", "multiscale" or "hierarchical" (see slidesnake.bags).
+    bag_type: ClassVar[str] = "flat"
 
     def __init__(self, in_dim: int, n_classes: int):
         super().__init__()
@@ -33,6 +40,14 @@ class MILModel(nn.Module):
             raise ValueError(f"need in_dim >= 1 and n_classes >= 2; got {in_dim}, {n_classes}")
         self.in_dim = int(in_dim)
         self.n_classes = int(n_classes)
+
+    @classmethod
+    def infer_kwargs(cls, bag) -> dict:
+        """Constructor arguments read off a training bag (e.g. a multiscale bag's magnifications).
+
+        ``train_fold`` adds them to the model's kwargs, so they are saved in the checkpoint.
+        """
+        return {}
 
     def check_bag(self, bag: Tensor) -> None:
         if bag.ndim != 2 or bag.shape[1] != self.in_dim:

@@ -153,7 +153,8 @@ class DAMIL(MILModel):
         attention = attention / attention.sum()
         return MILOutput(logits=logits, attention=attention, extras={
             "z_l": z_l, "z_n": z_n, "z_w": z_w[0], "sub_logits": self.sub_classifier(z_l),
-            "neg_logits": (self.neg_classifier or self.sub_classifier)(z_n), "sub_attention": a[:, 0], "sub_bags": idx,
+            "neg_logits": (self.sub_classifier if self.neg_classifier is None else self.neg_classifier)(z_n),
+            "sub_attention": a[:, 0], "sub_bags": idx,
         })
 
     def loss(self, output: MILOutput, label: Tensor, class_weights: Tensor | None = None) -> dict[str, Tensor]:

@@ -1,0 +1,103 @@
+"""How long Snakemake takes to build slidesnake's DAG (`snakemake -n`) for large cohorts.
+
+For each cohort size, writes a sample sheet of N slides pointing at small placeholder files (the
+dry run never opens a slide: it only needs the files to exist), then times `snakemake -n` in a
+fresh process (interpreter start, workflow parsing, sheet validation, DAG building and printing
+the plan: everything a user waits for). Results go to stdout as a Markdown table.
+
+    .venv/bin/python tests/bench/bench_dag.py                      # 500, 1000, 5000 slides
+    .venv/bin/python tests/bench/bench_dag.py --sizes 5000 --profile dag.prof   # + cProfile
+    .venv/bin/python -m pstats dag.prof                            # then: sort cumtime / stats 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+K = 5
+
+
+def make_placeholder_cohort(workdir: Path, n_slides: int, slides_per_patient: int = 2,
+                            k: int = K) -> list[str]:
+    """Sample sheet of ``n_slides`` placeholder slides (1 KiB files) and a config; the slide ids."""
+    slides = workdir / "slides"
+    slides.mkdir(parents=True, exist_ok=True)
+    ids = [f"S{i:06d}" for i in range(n_slides)]
+    for sid in ids:
+        (slides / f"{sid}.svs").write_bytes(b"\0" * 1024)
+    n_patients = -(-n_slides // slides_per_patient)
+    patients = [f"P{i // slides_per_patient:06d}" for i in range(n_slides)]
+    labels = ["tumour" if int(p[1:]) % 2 else "normal" for p in patients]
+    assert n_patients >= 2 * k, "too few patients for the folds"
+    pd.DataFrame({"slide_id": ids, "patient_id": patients, "label": labels,
+                  "path": [f"slides/{sid}.svs" for sid in ids]}).to_csv(
+        workdir / "samples.tsv", sep="\t", index=False)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(
+        {"samples": "samples.tsv", "classes": ["normal", "tumour"], "splits": {"k": k}}))
+    return ids
+
+
+def dry_run(workdir: Path, *extra: str, profile: Path | None = None) -> tuple[float, str]:
+    """Wall seconds of `snakemake -n` in ``workdir`` and its output."""
+    prefix = [sys.executable]
+    if profile is not None:
+        prefix += ["-m", "cProfile", "-o", str(profile)]
+    cmd = [*prefix, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "-n", *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return seconds, proc.stdout + proc.stderr
+
+
+def job_total(text: str) -> int:
+    for line in text.split("Job stats:", 1)[1].splitlines():
+        if line.startswith("total"):
+            return int(line.split()[1])
+    raise ValueError("no job stats in the dry run's output")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[500, 1000, 5000])
+    ap.add_argument("--repeat", type=int, default=1, help="dry runs per size (the minimum is reported)")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the cohorts here (default: a temp dir)")
+    ap.add_argument("--profile", type=Path, default=None, help="cProfile output of the largest size's run")
+    args = ap.parse_args(argv)
+
+    import snakemake
+
+    tmp = tempfile.TemporaryDirectory() if args.workdir is None else None
+    root = Path(tmp.name) if tmp else args.workdir
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; "
+          f"Python {platform.python_version()}; Snakemake {snakemake.__version__}")
+    print("\n| slides | jobs | `snakemake -n` (s) |\n|---:|---:|---:|")
+    for n in args.sizes:
+        work = root / f"n{n}"
+        make_placeholder_cohort(work, n)
+        best, text = min(dry_run(work) for _ in range(args.repeat))
+        print(f"| {n:,} | {job_total(text):,} | {best:.1f} |", flush=True)
+    if args.profile is not None:
+        dry_run(root / f"n{args.sizes[-1]}", profile=args.profile)
+        print(f"\ncProfile of the {args.sizes[-1]:,}-slide dry run: {args.profile}")
+    if tmp:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+rule run_summary:
+    input:
+        samples=config["samples"],
+        tissue=expand(rules.filter_tissue.output.tiles, slide=SLIDES),
+        # one list per stage, in pipeline order: the script reads every input named bench_<stage>
+        bench_tile=expand(rules.tile.benchmark, slide=SLIDES),
+        bench_filter_tissue=expand(rules.filter_tissue.benchmark, slide=SLIDES),
+        bench_extract_features=expand(rules.extract_features.benchmark, slide=SLIDES),
+        bench_make_splits=rules.make_splits.benchmark,
+        bench_train=expand(rules.train.benchmark, fold=FOLDS),
+        bench_summarize=rules.summarize.benchmark,
+        bench_heatmap=expand(rules.heatmap.benchmark, slide=SLIDES),
+    output:
+        slides=report(
+            f"{OUT}/run_summary/slides.tsv",
+            caption="../report/run_slides.rst",
+            category="Run summary",
+        ),
+        stages=report(
+            f"{OUT}/run_summary/stages.tsv",
+            caption="../report/run_stages.rst",
+            category="Run summary",
+        ),
+    params:
+        magnification=config["training"]["magnification"],
+    log:
+        "logs/run_summary.log",
+    benchmark:
+        "benchmarks/run_summary.tsv"
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../../scripts/run_summary.py"
