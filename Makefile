@@ -33,13 +33,13 @@ demo: demo-data
 	$(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES)
 
 demo-cma: demo-data
-	$(BIN)/snakemake --configfile config/demo.yaml --configfile config/demo_cma.yaml --cores $(CORES)
+	$(BIN)/snakemake --configfile config/demo.yaml config/demo_cma.yaml --cores $(CORES)
 
 demo-multistain-data: $(BIN)/.installed
 	$(BIN)/python -m slidesnake.demo --out $(DEMO_MULTISTAIN) --stains HE IHC --size 3000
 
 demo-multistain: demo-multistain-data
-	$(BIN)/snakemake --configfile config/demo.yaml --configfile config/demo_multistain.yaml --cores $(CORES)
+	$(BIN)/snakemake --configfile config/demo.yaml config/demo_multistain.yaml --cores $(CORES)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

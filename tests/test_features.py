@@ -234,8 +234,12 @@ def test_cpu_batch_mixing_sizes_is_refused(cmu_small, tiles):
     assert set(ds.sizes) == {224, 299}
     with pytest.raises(ValueError, match="one size"):
         ds.__getitems__(list(range(len(ds))))
-    batch = ds.__getitems__([0, 1])
-    assert batch.dtype == torch.uint8 and batch.shape[0] == 2 and batch.shape[-1] == 3
+    last = [len(ds) - 3, len(ds) - 2, len(ds) - 1]  # 20x
+    batch = ds.__getitems__(last)
+    assert batch.dtype == torch.uint8 and batch.shape == (3, 224, 224, 3)
+    assert torch.equal(batch[1], ds[last[1]].permute(1, 2, 0))
+    threaded = TileDataset(cmu_small, tiles.sort_values("magnification"), TILE, threads=3)
+    assert torch.equal(threaded.__getitems__(last), batch)  # decoded by 3 threads
 
 
 def test_machine_defaults(monkeypatch):
@@ -247,7 +251,7 @@ def test_machine_defaults(monkeypatch):
                             lambda d, gib=gib: SimpleNamespace(total_memory=gib * 2**30))
         assert resolve_batch_size("auto", cuda) == want
     assert resolve_batch_size("auto", cuda, 518) == 64  # ViT-g/14-style input at 80 GiB
-    assert [resolve_num_workers("auto", cpu, n) for n in (1, 2, 8, 16, 64)] == [0, 1, 1, 2, 4]
+    assert [resolve_num_workers("auto", cpu, n) for n in (1, 2, 64)] == [0, 0, 0]
     assert [resolve_num_workers("auto", cuda, n) for n in (1, 2, 8, 64)] == [1, 1, 7, 16]
     assert resolve_num_workers(3, cuda, 64) == 3
     assert loader_options(cuda, 4) == {"num_workers": 4, "pin_memory": True,

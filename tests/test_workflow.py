@@ -69,7 +69,8 @@ def test_dry_run_lists_every_rule(run):
     _, sheet, dry = run
     n = len(sheet)
     assert job_counts(dry) == {"tile": n, "filter_tissue": n, "extract_features": n, "make_splits": 1,
-                               "train": K, "summarize": 1, "heatmap": n, "qc_table": 1, "all": 1}
+                               "train": K, "summarize": 1, "heatmap": n, "qc_table": 1, "run_summary": 1,
+                               "all": 1}
 
 
 def test_every_output_present_and_well_formed(run):
@@ -119,6 +120,35 @@ def test_lint_is_clean(run):
     workdir, _, _ = run
     out = snakemake(workdir, "--lint")
     assert "Congratulations" in out.stdout + out.stderr
+
+
+def _report_entry(html: str, path: str) -> bytes:
+    """The content of ``path`` as embedded (a base64 data URI) in a Snakemake HTML report."""
+    import base64
+    import re
+
+    m = re.search(re.escape(f'"{path}": {{') + r'.*?"data_uri": "data:[^"]*?base64,([^"]+)"', html, re.S)
+    assert m, f"{path} is not in the report"
+    return base64.b64decode(m.group(1))
+
+
+def test_report_has_the_summary_tables_and_heatmaps(run):
+    workdir, sheet, _ = run
+    snakemake(workdir, "--report", "report.html")
+    html = (workdir / "report.html").read_text()
+    res = workdir / "results"
+    # self-contained: every result embedded, byte for byte
+    for rel in ("summary/abmil/summary.csv", "run_summary/slides.tsv", "run_summary/stages.tsv",
+                "qc/slides.tsv"):
+        assert _report_entry(html, f"results/{rel}") == (res / rel).read_bytes(), rel
+    heatmaps = [sid for sid in sheet["slide_id"] if f'"results/heatmaps/abmil/{sid}.png"' in html]
+    assert len(heatmaps) == len(sheet)
+    assert _report_entry(html, f"results/heatmaps/abmil/{heatmaps[0]}.png").startswith(b"\x89PNG")
+    assert _report_entry(html, "results/summary/abmil/roc.png").startswith(b"\x89PNG")
+    # captions and categories from workflow/report/
+    for text in ("Attention of the out-of-fold", "Cohort metrics", "Time per stage", "Heatmaps",
+                 "Run summary", "Tissue QC"):
+        assert text in html, text
 
 
 def test_real_slide_tiles_and_extracts(tmp_path, cmu_small):

@@ -49,17 +49,21 @@ def check_folds_and_summary(workdir: Path, model: str, units: list[str]) -> pd.D
 def cma_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("e2e_cma")
     # 112 px tiles: a 1024 px slide holds 2 x 2 tiles at 5x, 4 x 4 at 10x and 9 x 9 at 20x.
-    sheet = relative_sheet(workdir, make_cohort(workdir / "cohort", n_patients=6, size=1024, seed=3))
+    sheet = relative_sheet(workdir, make_cohort(workdir / "cohort", n_patients=6, slides_per_patient=(1, 1),
+                                                size=1024, seed=3))
     write_config(workdir, tiling={"magnifications": MAGS, "tile_size": 112},
                  training={"model": "cma_mil", "magnifications": MAGS, "epochs": 4, "patience": 2,
                            "model_kwargs": {"hidden": 32, "heads": 2, "k_sample": 4}})
+    # Heatmaps (one panel per magnification) of one slide of each label: the others are the same job.
+    shown = [sheet.loc[sheet["label"] == label, "slide_id"].iloc[0] for label in ("normal", "tumour")]
     t0 = time.perf_counter()
-    snakemake(workdir, "--cores", "2")
-    return workdir, sheet, time.perf_counter() - t0
+    snakemake(workdir, "--cores", "2", "results/summary/cma_mil/summary.csv",
+              *(f"results/heatmaps/cma_mil/{sid}.png" for sid in shown))
+    return workdir, sheet, shown, time.perf_counter() - t0
 
 
 def test_cma_mil_end_to_end(cma_run, record_property):
-    workdir, sheet, seconds = cma_run
+    workdir, sheet, shown, seconds = cma_run
     record_property("seconds", seconds)
     print(f"cma_mil end to end: {len(sheet)} slides, {seconds:.0f} s")
     res = workdir / "results"
@@ -68,19 +72,22 @@ def test_cma_mil_end_to_end(cma_run, record_property):
     check_folds_and_summary(workdir, "cma_mil", list(sheet["slide_id"]))
     _, ckpt = load_checkpoint(res / "models" / "cma_mil" / "fold_0" / "model.pt")
     assert ckpt["bag_type"] == "multiscale" and ckpt["model_kwargs"]["magnifications"] == [5.0, 10.0, 20.0]
-    for sid in sheet["slide_id"]:
+    for sid in shown:
         assert (res / "heatmaps" / "cma_mil" / f"{sid}.png").stat().st_size > 10_000
 
 
 @pytest.fixture(scope="module")
 def multistain_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("e2e_multistain")
-    sheet = relative_sheet(workdir, make_cohort(workdir / "cohort", n_patients=6, size=896, seed=5,
+    # 14 slides: every patient has HE and IHC, two of them two HE slides; 6 x 6 tiles of 112 px at 20x.
+    sheet = relative_sheet(workdir, make_cohort(workdir / "cohort", n_patients=6, size=768, seed=1,
                                                 stains=["HE", "IHC"], slices_per_stain=(1, 2)))
-    write_config(workdir, training={"model": "hier_multistain", "epochs": 4, "patience": 2,
-                                    "model_kwargs": {"hidden": 32, "attn_dim": 16, "per_slice_cap": 8}})
-    # Heatmaps of two slides of one patient of each label (the others are the same job).
-    shown = [sheet.loc[sheet["label"] == label, "slide_id"].iloc[0] for label in ("normal", "tumour")]
+    write_config(workdir, tiling={"tile_size": 112},
+                 training={"model": "hier_multistain", "epochs": 4, "patience": 2,
+                           "model_kwargs": {"hidden": 32, "attn_dim": 16, "per_slice_cap": 8}})
+    # Heatmaps (patch attention and stain / slice weights) of an IHC slide of each label.
+    ihc = sheet[sheet["stain"] == "IHC"]
+    shown = [ihc.loc[ihc["label"] == label, "slide_id"].iloc[0] for label in ("normal", "tumour")]
     targets = ["results/summary/hier_multistain/summary.csv",
                *(f"results/heatmaps/hier_multistain/{sid}.png" for sid in shown)]
     t0 = time.perf_counter()
@@ -91,8 +98,12 @@ def multistain_run(tmp_path_factory):
 def test_hier_multistain_end_to_end(multistain_run, record_property):
     workdir, sheet, shown, seconds = multistain_run
     record_property("seconds", seconds)
-    print(f"hier_multistain end to end: {len(sheet)} slides of {sheet['patient_id'].nunique()} patients, {seconds:.0f} s")
-    assert set(sheet["stain"]) == {"HE", "IHC"}
+    print(f"hier_multistain end to end: {len(sheet)} slides of {sheet['patient_id'].nunique()} patients, "
+          f"{seconds:.0f} s")
+    assert set(sheet["stain"]) == {"HE", "IHC"} and sheet.groupby(["patient_id", "stain"]).size().max() == 2
+    res = workdir / "results"
+    for sid in sheet["slide_id"]:  # the IHC scheme passes the tissue filter
+        assert pd.read_parquet(res / "tissue" / sid / "tiles.parquet")["keep"].sum() >= 4, sid
     patients = sorted(sheet["patient_id"].unique())
     oof = check_folds_and_summary(workdir, "hier_multistain", patients)  # one prediction per patient
     assert (oof["slide_id"] == oof["patient_id"]).all()

@@ -319,7 +319,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=60000, help="side of the synthetic slide in pixels")
     ap.add_argument("--backbone", default="resnet50_trunc")
     ap.add_argument("--tiles", type=int, default=None,
-                    help="tiles per measurement (default: 8 batches on CPU, 10240 on CUDA)")
+                    help="tiles per measurement (default: 16 batches on CPU, 10240 on CUDA)")
     ap.add_argument("--batch-size", default="auto", help="tiles per batch (auto: from the device)")
     ap.add_argument("--workers", default="auto", help="slidesnake's reading workers (auto: from the CPUs)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the backbone in (a) and (b)")
@@ -342,7 +342,7 @@ def main(argv=None) -> int:
     input_size = create_backbone(args.backbone).input_size
     batch = resolve_batch_size(args.batch_size if args.batch_size == "auto" else int(args.batch_size),
                                device, input_size)
-    n = args.tiles or (10240 if device.type == "cuda" else 8 * batch)
+    n = args.tiles or (10240 if device.type == "cuda" else 16 * batch)
     slide = ensure_slide(args.out, args.size)
     tiles = bench_tiles(slide, args.tile_size, n)
     table = args.out / f"tiles_{args.size}_{args.tile_size}_{n}.parquet"

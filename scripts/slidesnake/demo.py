@@ -70,10 +70,12 @@ GLASS_RGB = (242, 241, 245)
 STAINS = ("HE", "IHC")
 #: Unit optical-density vector of DAB (brown).
 DAB_OD = (0.2681, 0.5703, 0.7764)
-#: IHC: share of the eosin-like background texture kept (as faint DAB) and the DAB concentration of
-#: the (positive) tumour.
-IHC_BACKGROUND = 0.4
+#: IHC: share of the eosin-like background texture kept (as faint DAB), the DAB concentration of
+#: the (positive) tumour, and the extra diffuse haematoxylin of the counterstain (it keeps the pale
+#: tissue saturated enough for saturation-based tissue masks).
+IHC_BACKGROUND = 0.5
 IHC_TUMOUR_DAB = 0.75
+IHC_COUNTERSTAIN = 0.2
 #: Unit optical-density vector of haematoxylin (blue-purple: nuclei).
 HAEMATOXYLIN_OD = (0.5626, 0.7201, 0.4062)
 #: Unit optical-density vector of eosin (pink: stroma, cytoplasm).
@@ -759,7 +761,8 @@ class HEScene:
         e_lo, e_hi = STROMA_EOSIN
         eosin = fibre * np.float32(e_hi - e_lo)
         eosin += np.float32(e_lo)
-        haem = np.full((height, width), STROMA_HAEMATOXYLIN, dtype=np.float32)
+        haem = np.full((height, width), STROMA_HAEMATOXYLIN + (IHC_COUNTERSTAIN if self.stain == "IHC" else 0.0),
+                       dtype=np.float32)
         if tumour is not None:
             tumour_eosin = fibre * np.float32(TUMOUR_FIBRE_KEEP * (e_hi - e_lo))
             tumour_eosin += np.float32(TUMOUR_EOSIN - TUMOUR_FIBRE_KEEP * (e_hi - e_lo) * _FIBRE_MEAN)

@@ -5,6 +5,8 @@ Data path (one job per slide, every magnification in one pass):
 * DataLoader workers read tiles, each worker with its own OpenSlide handle
   (:class:`slidesnake.tiling.TileReader` opens it lazily in the process that reads), and decode
   them straight into one uint8 ``(B, H, W, 3)`` array per batch (``TileDataset.__getitems__``).
+  Without workers (the default on CPU, where the backbone keeps every core busy) the main
+  process decodes each batch with one thread per CPU instead.
   Tiles are kept at their native DeepZoom size; a batch never mixes sizes (:func:`tile_batches`),
   so PIL only resizes the odd tile whose DeepZoom size differs within a group (edge tiles when
   ``overlap > 0``).
@@ -16,7 +18,8 @@ Data path (one job per slide, every magnification in one pass):
   exercise the CUDA branch), optionally ``torch.compile``-d (partial batches are then padded to
   one shape, so it compiles once).
   Features come back through pinned memory one batch late, so the GPU never waits for the host.
-* Workers prefetch ``prefetch_factor`` batches each, so reading and decoding overlap compute.
+* Workers prefetch ``prefetch_factor`` batches each, so on CUDA reading and decoding overlap
+  the GPU's compute.
 * Rows are written in whole Zarr chunks by :class:`slidesnake.store.StoreWriter` (temporary path,
   renamed into place on success; ``parent_<m>x`` arrays are added on the way).
 
@@ -120,6 +123,12 @@ class TileDataset(Dataset):
                 self._read_into(out[k], i)
         return torch.from_numpy(out)
 
+    def close(self) -> None:
+        """Stop the decoding threads (if any)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
 
 def tile_batches(sizes: np.ndarray, batch_size: int) -> list[list[int]]:
     """Consecutive runs of at most ``batch_size`` indices whose tiles have one native size.
@@ -159,15 +168,18 @@ def available_cpus() -> int:
 def resolve_num_workers(num_workers: int | str | None, device: torch.device, cpus: int) -> int:
     """Tile-reading worker processes; ``"auto"``/None from the device and the CPUs at hand.
 
-    A GPU is fed by as many decoders as there are spare CPUs (one tile decodes in a few ms, a GPU
-    embeds hundreds to thousands per second), up to 16. On CPU the backbone itself needs the
-    cores, and one decoder per 8 CPUs keeps up with it (decoding is a few % of the work).
+    CUDA: as many decoders as there are spare CPUs, up to 16 (a tile decodes in ~1 ms of CPU, a
+    GPU embeds thousands per second), so decoding overlaps the GPU's work. CPU: none. The backbone
+    keeps every core busy, so a decoder process can only take cores away from it (and leave
+    torch's other threads spinning at their barriers): the main process decodes each batch with
+    one thread per CPU between batches instead, which measured ~10% more tiles per CPU-second
+    than one worker process (docs/benchmarks.md, "Feature extraction").
     """
     if num_workers not in (None, "auto"):
         return int(num_workers)
     if device.type == "cuda":
         return max(1, min(cpus - 1, 16))
-    return 0 if cpus < 2 else max(1, min(cpus // 8, 4))
+    return 0
 
 
 def resolve_batch_size(batch_size: int | str | None, device: torch.device, input_size: int = 224) -> int:
@@ -193,8 +205,8 @@ def default_num_workers() -> int:
 
 
 def loader_options(device: torch.device, num_workers: int) -> dict:
-    """DataLoader settings: pinned batches on CUDA; workers prefetch enough batches to hide
-    decoding behind compute (4 each on CUDA, 2 on CPU). ``persistent_workers`` is off: a job
+    """DataLoader settings: pinned batches on CUDA; workers (if any) prefetch enough batches to
+    hide decoding behind compute (4 each on CUDA, 2 on CPU). ``persistent_workers`` is off: a job
     iterates its one loader (every magnification of the slide) exactly once, so there is no
     second epoch whose start it could speed up."""
     cuda = device.type == "cuda"
@@ -434,6 +446,7 @@ def extract_slide(
             sink.add(pending.result())
             progress.update(sink.done)
             sink.finish()
+            dataset.close()
     seconds = progress.seconds
     summary = {"slide_id": slide_id, "out": str(out_path), "n_tiles": total,
                "n_tiles_per_magnification": {f"{m:g}x": n for m, n in n_tiles.items()},

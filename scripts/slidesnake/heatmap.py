@@ -81,9 +81,9 @@ def heatmap_bag(bag_type: str, store, *, magnification: float | None = None, mag
 
     Returns ``(bag, boxes)`` where ``boxes`` maps a magnification to the level-0 ``(coords, size)``
     of the slide's tiles there: flat -- the slide at ``magnification``; multiscale -- the slide at
-    every one of ``magnifications``; hierarchical -- the case bag of the slide's patient (all of its
-    slides: ``case_stores``, with patient and stain from ``samples``), and ``bag`` is ``None`` when
-    the case has no tile at all.
+    every one of ``magnifications`` (``bag`` is ``None`` when a magnification has no tile, as training
+    skips such slides); hierarchical -- the case bag of the slide's patient (all of its slides:
+    ``case_stores``, with patient and stain from ``samples``), ``None`` when the case has no tile.
     """
     from slidesnake.bags import empty_reason, load_structured_bags, multiscale_bag, stores_by_slide
 
@@ -91,7 +91,8 @@ def heatmap_bag(bag_type: str, store, *, magnification: float | None = None, mag
         return store.features(magnification), {magnification: (store.coords(magnification), store.size(magnification))}
     if bag_type == "multiscale":
         bag = multiscale_bag(store, magnifications)
-        return bag, {m: (store.coords(m), store.size(m)) for m in bag.magnifications}
+        boxes = {m: (store.coords(m), store.size(m)) for m in bag.magnifications}
+        return (None if empty_reason(bag) else bag), boxes
     if bag_type == "hierarchical":
         by_id = stores_by_slide(case_stores)
         sheet = samples.reset_index(drop=True)

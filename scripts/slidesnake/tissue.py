@@ -276,7 +276,8 @@ def mask_geojson(mask: TissueMask, classification: dict = CLASSIFICATION) -> dic
     """Tissue contours as a GeoJSON FeatureCollection that QuPath imports as annotations.
 
     One ``Polygon`` feature per tissue region (outer ring plus its holes), in level-0 pixel
-    coordinates, from ``cv2.findContours`` (two-level hierarchy: outer boundaries and holes).
+    coordinates, from ``cv2.findContours`` (two-level hierarchy: outer boundaries and holes),
+    simplified to within one mask pixel.
     """
     contours, hierarchy = cv2.findContours(mask.mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
@@ -284,7 +285,8 @@ def mask_geojson(mask: TissueMask, classification: dict = CLASSIFICATION) -> dic
     hierarchy = hierarchy.reshape(-1, 4)
 
     def ring(contour) -> list | None:
-        pts = contour.reshape(-1, 2).astype(np.float64)
+        # simplified to within one mask pixel: QuPath-friendly sizes without the pixel staircase
+        pts = cv2.approxPolyDP(contour, 1.0, True).reshape(-1, 2).astype(np.float64)
         if len(pts) < 3:
             return None
         xy = [[round((px + 0.5) * mask.sx, 1), round((py + 0.5) * mask.sy, 1)] for px, py in pts]
@@ -333,8 +335,8 @@ def filter_tiles(grid: pd.DataFrame, reader: TileReader, params: TissueParams = 
     frac = mask.coverage(out) if use_otsu else np.full(n, np.nan, np.float32)
     otsu_ok = frac >= params.otsu.min_coverage if use_otsu else None
 
-    # Tiles whose outcome pixels can still change: everything, except what the mask has rejected
-    # when every method must agree (or the mask is the only method).
+    # Tiles are read unless the mask alone has already rejected them: with combine "all", or when
+    # the mask is the only method. Otherwise edge needs every tile, artefacts every tissue tile.
     decided_out = (~otsu_ok if use_otsu and (params.combine == "all" or not use_edge)
                    else np.zeros(n, bool))
     need_pixels = use_edge or art.enabled
@@ -423,19 +425,21 @@ def qc_thumbnail(thumb: Image.Image | openslide.AbstractSlide, tiles: pd.DataFra
             (5, 5), f"{mag:g}x: {int(g['keep'].sum())} kept of {len(g)}" if mag is not None else "no tiles",
             fill=(0, 0, 0))
         panels.append(panel)
-    legend_h = 18
-    out = Image.new("RGB", (sum(p.size[0] for p in panels), thumb.size[1] + legend_h), "white")
+    legend = ((KEPT_COLOUR, "kept"), (ARTEFACT_COLOUR, "rejected: background / pen ink"),
+              (CONTOUR_COLOUR, "tissue mask contour"))
+    measure = ImageDraw.Draw(thumb)
+    widths = [30 + int(measure.textlength(text)) for _, text in legend]
+    out = Image.new("RGB", (max(sum(p.size[0] for p in panels), 5 + sum(widths)), thumb.size[1] + 18), "white")
     x = 0
     for p in panels:
         out.paste(p, (x, 0))
         x += p.size[0]
     draw = ImageDraw.Draw(out)
     x, y = 5, thumb.size[1] + 4
-    for colour, text in ((KEPT_COLOUR, "kept"), (ARTEFACT_COLOUR, "rejected: background / pen ink"),
-                         (CONTOUR_COLOUR, "tissue mask contour")):
+    for (colour, text), w in zip(legend, widths):
         draw.rectangle([x, y, x + 10, y + 10], fill=colour)
         draw.text((x + 14, y - 1), text, fill=(0, 0, 0))
-        x += 14 + int(draw.textlength(text)) + 16
+        x += w
     return out
 
 

@@ -86,13 +86,20 @@ def load_bags(stores: Sequence[str | os.PathLike], magnification: float | None,
         return load_structured_bags(by_id, bag_type, wanted, magnification=magnification,
                                     magnifications=magnifications, samples=samples, log=log)
     bags = {}
-    for sid in wanted:
+    # thousands of stores take minutes: one progress line about every 10% (readable in SLURM logs)
+    step, t0, tiles = max(1, math.ceil(len(wanted) / 10)), time.perf_counter(), 0
+    for i, sid in enumerate(wanted, 1):
         store = open_store(by_id[sid])
         mags = store.magnifications
         mag = magnification
         if mag is not None and not any(math.isclose(float(mag), m) for m in mags):
             raise ValueError(f"{by_id[sid]}: no features at {float(mag):g}x; store has {mags}")
         bags[sid] = store.features(mag)
+        tiles += len(bags[sid])
+        if len(wanted) >= 100 and (i % step == 0 or i == len(wanted)):
+            dt = time.perf_counter() - t0
+            log.info("read %d/%d bags (%3.0f%%), %d tiles, %.1f bags/s", i, len(wanted),
+                     100 * i / len(wanted), tiles, i / dt if dt > 0 else float("nan"))
     log.info("read %d bags (%s tiles in all)", len(bags), sum(len(b) for b in bags.values()))
     return bags
 
@@ -413,8 +420,8 @@ def predict_output(model: MILModel, ckpt: Mapping, bag) -> tuple[np.ndarray, MIL
     ``bag_type`` (numpy or tensors), standardised as in training; the model is put in eval mode."""
     check_bag_type(bag, model.bag_type, "predict")
     reason = empty_reason(bag)
-    if reason or (model.bag_type == "flat" and np.ndim(bag) != 2):
-        raise ValueError(f"predict needs a non-empty bag; got {reason or f'shape {np.shape(bag)}'}")
+    if reason or (model.bag_type == "flat" and len(bag.shape) != 2):
+        raise ValueError(f"predict needs a non-empty bag; got {reason or f'shape {tuple(bag.shape)}'}")
     dev = next(model.parameters()).device
     mean = torch.as_tensor(ckpt["feature_mean"], dtype=torch.float32)
     std = torch.as_tensor(ckpt["feature_std"], dtype=torch.float32)

@@ -55,9 +55,15 @@ rule qc_table:
     input:
         qc=expand(rules.filter_tissue.output.qc, slide=SLIDES),
     output:
-        table=f"{OUT}/qc/slides.tsv",
+        table=report(
+            f"{OUT}/qc/slides.tsv",
+            caption="../report/qc_table.rst",
+            category="Tissue QC",
+        ),
     log:
         "logs/qc_table.log",
+    benchmark:
+        "benchmarks/qc_table.tsv"
     conda:
         "../../envs/tiling.yaml"
     script:
@@ -81,6 +87,8 @@ rule export_tiles:
         label="[^/]+",
     log:
         "logs/export_tiles/{label}/{slide}.log",
+    benchmark:
+        "benchmarks/export_tiles/{label}/{slide}.tsv"
     conda:
         "../../envs/tiling.yaml"
     script:

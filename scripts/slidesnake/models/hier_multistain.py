@@ -174,7 +174,8 @@ class HierMultiStainMIL(MILModel):
                 flat.append(slide_weight[sid] * patch_att[sid])
         extras = {
             "stains": stains, "stain_attention": a_stain, "slice_attention": slice_att,
-            "slice_index": slice_index, "slice_ids": slice_ids, "patch_attention": patch_att, "patch_index": patch_index,
+            "slice_index": slice_index, "slice_ids": slice_ids, "patch_attention": patch_att,
+            "patch_index": patch_index,
             "slide_weight": slide_weight, "attention_logits": logits_by_level, "embedding": case,
         }
         return MILOutput(logits=logits, attention=torch.cat(flat), extras=extras)
