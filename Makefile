@@ -7,7 +7,7 @@ DEMO   ?= resources/demo
 DEMO_MULTISTAIN ?= resources/demo_multistain
 XDG_CONFIG_HOME ?= $(HOME)/.config
 
-.PHONY: demo demo-data test lint dry-run report clean help slurm-profile demo-cma demo-multistain demo-multistain-data bench-features bench-tiling
+.PHONY: demo demo-data test lint dry-run report clean help slurm-profile demo-cma demo-multistain demo-multistain-data bench-features bench-tiling bench-dag
 
 help:
 	@echo "make demo   - create $(VENV), generate the demo cohort, run the whole pipeline on it"
@@ -17,6 +17,7 @@ help:
 	@echo "make lint   - snakemake --lint on the demo configuration"
 	@echo "make bench-features - feature extraction vs the backbone alone and a naive loader (BENCH_ARGS='--size 8000' for a quick run)"
 	@echo "make bench-tiling - tiling + tissue filtering of a 100k x 100k px slide: time, tiles/s, peak memory"
+	@echo "make bench-dag - time of snakemake -n (DAG building) for 500, 1000 and 5000 placeholder slides"
 	@echo "make slurm-profile - link workflow/profiles/slurm to $(XDG_CONFIG_HOME)/snakemake/slurm (--profile slurm)"
 
 # The environment: re-installed when pyproject.toml changes.
@@ -55,6 +56,10 @@ bench-features: $(BIN)/.installed
 # under /usr/bin/time -v. E.g. BENCH_TILING_ARGS='--size 20000 --cores 4'.
 bench-tiling: $(BIN)/.installed
 	$(BIN)/python scripts/bench/bench_tiling.py $(BENCH_TILING_ARGS)
+
+# DAG building benchmark (docs/benchmarks.md): snakemake -n on sheets of placeholder slides.
+bench-dag: $(BIN)/.installed
+	$(BIN)/python scripts/bench/bench_dag.py $(BENCH_DAG_ARGS)
 
 lint: demo-data
 	$(BIN)/snakemake --configfile config/demo.yaml --lint

@@ -1,11 +1,15 @@
 """Snakemake script of rule `heatmap`: out-of-fold attention of one slide over its thumbnail."""
 
+import json
+
 import numpy as np
 import pandas as pd
 
-from slidesnake.heatmap import (attention_layers, case_weights, heatmap_bag, normalise, oof_fold, render,
-                                render_panels, score_map)
-from slidesnake.io import save_figure, setup_logging
+from slidesnake.heatmap import (TILE_COLUMNS, attention_layers, case_weights, heatmap_bag, normalise, oof_fold,
+                                instance_scores, render, render_panels, render_top_tiles, score_map, smooth,
+                                tile_table, tiles_geojson)
+from slidesnake.io import atomic_path, save_figure, setup_logging, write_table
+from slidesnake.tiling import TileReader
 from slidesnake.samples import read_sheet
 from slidesnake.slide import open_slide
 from slidesnake.store import open_store
@@ -23,7 +27,7 @@ use = [fold] if fold is not None else sorted(models)
 log.info("%s: %s", slide_id, f"out-of-fold model of fold {fold}" if fold is not None
          else f"ensemble of folds {use} (slide in no test split)")
 mag = float(p.magnification)
-probs, att, bars, bag, bag_type = [], [], None, None, None
+probs, att, inst, bars, bag, bag_type = [], [], [], None, None, None
 for f in use:
     model, ckpt = load_checkpoint(models[f])
     if bag_type is None:  # the bag the model reads (slide, slide at every magnification, or case)
@@ -40,18 +44,26 @@ for f in use:
         probs.append(pr)
         if layers:
             att.append(layers)
+        if bag_type == "flat" and (score := instance_scores(model, out)) is not None:
+            inst.append(score)  # e.g. CLAM's instance classifier
         if bag_type == "hierarchical" and f == use[0]:
             bars = case_weights(out, slide_id)
 classes = ckpt["classes"]
 
 slide = open_slide(sm.input.slide, slide_id)
 thumb = slide.get_thumbnail((p.thumbnail_size, p.thumbnail_size)).convert("RGB")
-maps = {}
+maps, raw, norm = {}, {}, {}
 for m in (att[0] if att else {}):  # fold ensemble (slide in no test split): mean attention
-    attention = normalise(np.mean([a[m] for a in att], axis=0), *p.percentiles)
+    raw[m] = np.mean([a[m] for a in att], axis=0)
+    norm[m] = normalise(raw[m], *p.percentiles)
     coords, size = boxes[m]
-    maps[f"attention at {m:g}x (percentile-normalised)"] = score_map(coords, size, attention, slide.dimensions,
-                                                                     thumb.size)
+    maps[f"attention at {m:g}x (percentile-normalised)"] = smooth(
+        score_map(coords, size, norm[m], slide.dimensions, thumb.size), p.smooth_sigma)
+tiles = tile_table(slide_id, store, raw, norm,
+                   {mag: np.mean(inst, axis=0)} if inst and len(inst) == len(att) else None)
+write_table(tiles[[c for c in (*TILE_COLUMNS, "instance_score") if c in tiles]], sm.output.tiles)
+with atomic_path(sm.output.geojson) as tmp:  # compact: one feature per tile
+    tmp.write_text(json.dumps(tiles_geojson(tiles), separators=(",", ":")))
 if probs:
     prob = np.mean(probs, axis=0)
     unit = "case " if bag_type == "hierarchical" else ""
@@ -68,3 +80,10 @@ if len(maps) == 1 and not bars:
 else:
     fig = render_panels(thumb, maps, alpha=p.alpha, cmap=p.cmap, title=title, bars=bars)
 save_figure(fig, sm.output.png, dpi=100)
+
+attrs = store.attrs
+reader = TileReader(sm.input.slide, int(attrs.get("tile_size", 256)), int(attrs.get("overlap", 0)),
+                    bool(attrs.get("limit_bounds", False)), slide_id=slide_id)
+finest = tiles[tiles["magnification"] == tiles["magnification"].max()] if len(tiles) else tiles
+save_figure(render_top_tiles(reader, finest, p.top_k, title=f"{slide_id}: top / bottom {p.top_k} tiles by attention"),
+            sm.output.top_tiles, dpi=100)

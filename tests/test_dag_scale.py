@@ -1,4 +1,4 @@
-"""The DAG of a large placeholder cohort (tests/bench/bench_dag.py times it; this checks it, untimed).
+"""The DAG of a large placeholder cohort (scripts/bench/bench_dag.py times it; this checks it, untimed).
 
 A few hundred slides pointing at placeholder files: the dry run plans exactly the expected jobs,
 and the workflow profile's resources reach them (memory of `tile` grows with the slide file,
@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
-from bench.bench_dag import K, make_placeholder_cohort
+from conftest import REPO
 from test_workflow import job_counts, snakemake
+
+sys.path.insert(0, str(REPO / "scripts" / "bench"))
+from bench_dag import K, make_placeholder_cohort  # noqa: E402
 
 N = 300
 

@@ -151,6 +151,41 @@ def test_report_has_the_summary_tables_and_heatmaps(run):
         assert text in html, text
 
 
+def test_heatmap_tile_scores_exports_and_localisation(run):
+    import json
+
+    workdir, sheet, _ = run
+    res = workdir / "results"
+    hm = res / "heatmaps" / "abmil"
+    for sid in sheet["slide_id"]:
+        tiles = pd.read_csv(hm / f"{sid}.tiles.csv", dtype={"slide_id": str})
+        store = open_store(res / "features" / "resnet18_trunc" / f"{sid}.zarr")
+        assert list(tiles.columns[:9]) == ["slide_id", "tile_id", "magnification", "x", "y", "w", "h",
+                                           "attention", "attention_norm"]
+        assert np.array_equal(tiles[["x", "y"]].to_numpy(), store.coords(20))
+        assert np.array_equal(tiles["tile_id"].to_numpy(), store.tile_ids(20))
+        assert tiles["attention"].sum() == pytest.approx(1.0, abs=1e-3)  # softmax over the bag
+        assert tiles["attention_norm"].between(0, 1).all()
+        # QuPath detections: polygons of the level-0 tile boxes, round-tripping to the store's coords
+        gj = json.loads((hm / f"{sid}.geojson").read_text())
+        assert gj["type"] == "FeatureCollection" and len(gj["features"]) == len(tiles)
+        ring = np.array([f["geometry"]["coordinates"][0] for f in gj["features"]])  # (N, 5, 2)
+        assert np.array_equal(ring[:, 0], store.coords(20))
+        assert np.array_equal(ring[:, 2] - ring[:, 0], store.size(20))
+        props = gj["features"][0]["properties"]
+        assert props["objectType"] == "detection"
+        assert props["measurements"]["attention"] == pytest.approx(tiles["attention"].iloc[0])
+        assert (hm / f"{sid}.top_tiles.png").read_bytes().startswith(b"\x89PNG")
+    # localisation against the planted tumours (only a target when heatmap.annotations is set)
+    target = "results/heatmaps/abmil/localisation.csv"
+    snakemake(workdir, "--cores", "1", target, "--config", "heatmap={annotations: cohort/annotations}")
+    loc = pd.read_csv(workdir / target, dtype={"slide_id": str})
+    assert list(loc["slide_id"]) == [*sheet["slide_id"], "mean"]
+    tumour = loc[loc["label"] == "tumour"]
+    assert tumour["auc"].notna().any() and loc.loc[loc["label"] == "normal", "auc"].isna().all()
+    assert 0 <= loc["auc"].iloc[-1] <= 1
+
+
 def test_real_slide_tiles_and_extracts(tmp_path, cmu_small):
     (tmp_path / "samples.tsv").write_text(
         "slide_id\tpatient_id\tlabel\tpath\n"

@@ -120,6 +120,21 @@ def attention_layers(output, bag_type: str, magnification: float | None = None,
     return {} if att is None else {magnification: arr(att)}
 
 
+def instance_scores(model, output) -> np.ndarray | None:
+    """Per-tile class score where the model has one: CLAM's instance classifier of the predicted class
+    on the tile embeddings (``extras["h"]``), the probability of "in the class's positive cluster";
+    None for models without instance classifiers."""
+    import torch
+
+    clfs = getattr(model, "instance_classifiers", None)
+    h = (output.extras or {}).get("h") if hasattr(output, "extras") else None
+    if clfs is None or h is None or h.ndim != 2:
+        return None
+    c = int(output.logits.detach().reshape(-1).argmax())
+    with torch.no_grad():
+        return torch.softmax(clfs[c](h).float(), dim=-1)[:, 1].cpu().numpy()
+
+
 def case_weights(output, slide_id: str | None = None) -> list[tuple[str, float, bool]]:
     """Bars of a hierarchical output: ``(label, weight, is_this_slide)`` for every stain (its stain
     weight) followed by its slides (slice weight within the stain)."""
@@ -169,6 +184,194 @@ def render_panels(thumbnail, maps: dict, *, alpha: float = 0.5, cmap: str = "jet
         ax.set_yticks(range(len(bars)), labels, fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_title("stain / slice weights")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+# ------------------------------------------------------------------------- tile scores and exports
+
+TILE_COLUMNS = ["slide_id", "tile_id", "magnification", "x", "y", "w", "h", "attention", "attention_norm"]
+
+
+def tile_table(slide_id: str, store, raw: dict, norm: dict, instance: dict | None = None,
+               grid: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per scored tile of the slide: ``TILE_COLUMNS`` (+ ``instance_score`` when given) and
+    the tile's DeepZoom address (``dz_tile_size, dz_level, col, row``, for :class:`TileReader`).
+
+    ``raw`` / ``norm`` / ``instance``: magnification -> ``(N,)`` scores in the store's row order. The
+    address comes from the store's group attributes (schema 2), or from ``grid`` (``tiles.parquet``) when given.
+    """
+    from slidesnake.store import mag_key
+
+    frames = []
+    for m, att in raw.items():
+        coords, size, addr_cr = store.coords(m), store.size(m), store.grid(m)
+        ga = store.root[mag_key(m)].attrs
+        df = pd.DataFrame({
+            "slide_id": slide_id, "tile_id": store.tile_ids(m), "magnification": float(m),
+            "x": coords[:, 0], "y": coords[:, 1], "w": size[:, 0], "h": size[:, 1],
+            "attention": np.asarray(att, np.float64), "attention_norm": np.asarray(norm[m], np.float64)})
+        if instance and m in instance:
+            df["instance_score"] = np.asarray(instance[m], np.float64)
+        df["dz_tile_size"] = int(ga.get("dz_tile_size", store.attrs.get("tile_size", 0)))
+        df["dz_level"] = int(ga.get("dz_level", -1))
+        df["col"], df["row"] = addr_cr[:, 0], addr_cr[:, 1]
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=float if c.startswith("att") else object) for c in TILE_COLUMNS})
+    out = pd.concat(frames, ignore_index=True)
+    if grid is not None:
+        addr = grid.set_index("tile_id").loc[out["tile_id"], ["dz_tile_size", "dz_level"]]
+        out["dz_tile_size"], out["dz_level"] = addr["dz_tile_size"].to_numpy(), addr["dz_level"].to_numpy()
+    return out
+
+
+def _load_geojson(geojson) -> dict:
+    import json
+
+    if isinstance(geojson, dict):
+        return geojson
+    with open(geojson) as fh:
+        return json.load(fh)
+
+
+def _polygons(geojson) -> list[list[np.ndarray]]:
+    """Every (Multi)Polygon of a FeatureCollection as a list of rings (exterior first, then holes)."""
+    gj = _load_geojson(geojson)
+    feats = gj.get("features", [gj]) if gj.get("type") == "FeatureCollection" else [gj]
+    polys = []
+    for f in feats:
+        geom = f.get("geometry", f)
+        if geom["type"] == "Polygon":
+            polys.append([np.asarray(r, float) for r in geom["coordinates"]])
+        elif geom["type"] == "MultiPolygon":
+            polys.extend([np.asarray(r, float) for r in p] for p in geom["coordinates"])
+    return polys
+
+
+def points_in_regions(x: np.ndarray, y: np.ndarray, geojson) -> np.ndarray:
+    """Whether each level-0 point lies inside a polygon of ``geojson`` (holes excluded)."""
+    from matplotlib.path import Path
+
+    pts = np.column_stack([np.asarray(x, float), np.asarray(y, float)])
+    inside = np.zeros(len(pts), bool)
+    for rings in _polygons(geojson):
+        if not len(pts):
+            break
+        hit = Path(rings[0]).contains_points(pts)
+        for hole in rings[1:]:
+            hit &= ~Path(hole).contains_points(pts)
+        inside |= hit
+    return inside
+
+
+def localisation_auc(tiles: pd.DataFrame, geojson, *, score: str = "attention",
+                     magnification: float | None = None) -> float:
+    """ROC AUC of the tiles' ``score`` against "tile centre inside a region of ``geojson``" (level-0
+    polygons, e.g. the demo's planted tumour). With several magnifications, the finest (or
+    ``magnification``) is used. NaN when every tile is inside or every tile outside."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(tiles) and "magnification" in tiles:
+        m = float(tiles["magnification"].max()) if magnification is None else float(magnification)
+        tiles = tiles[np.isclose(tiles["magnification"].astype(float), m)]
+    if not len(tiles):
+        return float("nan")
+    inside = points_in_regions(tiles["x"] + tiles["w"] / 2, tiles["y"] + tiles["h"] / 2, geojson)
+    if inside.all() or not inside.any():
+        return float("nan")
+    return float(roc_auc_score(inside, tiles[score].to_numpy(float)))
+
+
+def localisation_table(slides, *, positive=None) -> pd.DataFrame:
+    """Per-slide localisation AUC and the cohort mean row (``slide_id == "mean"``).
+
+    ``slides``: iterable of ``(slide_id, label, tiles DataFrame, geojson or None)``. Slides whose label
+    is not in ``positive`` (when given), without annotation, or with tiles all on one side of the
+    regions get no AUC (NaN, left out of the mean).
+    """
+    rows = []
+    for slide_id, label, tiles, gj in slides:
+        auc, n_in = float("nan"), 0
+        if gj is not None and (positive is None or label in positive) and len(tiles):
+            t = tiles[np.isclose(tiles["magnification"].astype(float), float(tiles["magnification"].max()))]
+            n_in = int(points_in_regions(t["x"] + t["w"] / 2, t["y"] + t["h"] / 2, gj).sum())
+            auc = localisation_auc(tiles, gj)
+        rows.append({"slide_id": slide_id, "label": label, "n_tiles": len(tiles), "n_inside": n_in, "auc": auc})
+    df = pd.DataFrame(rows, columns=["slide_id", "label", "n_tiles", "n_inside", "auc"])
+    valid = df["auc"].dropna()
+    mean = {"slide_id": "mean", "label": "", "n_tiles": int(df["n_tiles"].sum()),
+            "n_inside": int(df["n_inside"].sum()), "auc": float(valid.mean()) if len(valid) else float("nan")}
+    return pd.concat([df, pd.DataFrame([mean])], ignore_index=True)
+
+
+def tiles_geojson(tiles: pd.DataFrame) -> dict:
+    """Scored tiles as a GeoJSON FeatureCollection of QuPath detections (level-0 px tile boxes).
+
+    ``measurements`` is a name -> value dict (read by QuPath 0.4+); ``properties.name`` carries the tile
+    id and magnification.
+    """
+    meas = [c for c in ("attention", "attention_norm", "instance_score") if c in tiles]
+    feats = []
+    for r in tiles.itertuples(index=False):
+        x0, y0, x1, y1 = int(r.x), int(r.y), int(r.x + r.w), int(r.y + r.h)
+        feats.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+            "properties": {
+                "objectType": "detection",
+                "name": f"tile {int(r.tile_id)} @ {float(r.magnification):g}x",
+                "measurements": {k: float(getattr(r, k)) for k in meas},
+            },
+        })
+    return {"type": "FeatureCollection", "features": feats}
+
+
+def smooth(amap: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing (``sigma`` in map pixels) of a map with NaN outside the tiles; NaN stays NaN."""
+    if not sigma or sigma <= 0:
+        return amap
+    radius = max(0, min(int(np.ceil(3 * sigma)), (min(amap.shape) - 1) // 2))  # np.convolve 'same' keeps the length
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+
+    def gaussian_filter(a, _sigma):  # separable, zero outside the map (normalised by ``den`` below)
+        a = np.apply_along_axis(np.convolve, 0, a, kernel, mode="same")
+        return np.apply_along_axis(np.convolve, 1, a, kernel, mode="same")
+
+    valid = np.isfinite(amap)
+    num = gaussian_filter(np.where(valid, amap, 0.0), sigma)
+    den = gaussian_filter(valid.astype(np.float64), sigma)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(valid, num / np.maximum(den, 1e-12), np.nan)
+
+
+def render_top_tiles(reader, tiles: pd.DataFrame, k: int = 8, *, score: str = "attention", title: str = ""):
+    """Montage of the ``k`` highest and ``k`` lowest scoring tiles (two rows), read at full resolution
+    with ``reader`` (:class:`slidesnake.tiling.TileReader`), each captioned with its score and level-0
+    coordinates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = tiles.sort_values(score, ascending=False, kind="stable")
+    k = max(1, min(int(k), len(order))) if len(order) else 1
+    rows = [("top", order.head(k)), ("bottom", order.tail(k).iloc[::-1])] if len(order) else []
+    fig, axes = plt.subplots(max(1, len(rows)), k, figsize=(2.2 * k, 2.6 * max(1, len(rows))),
+                             squeeze=False, constrained_layout=True)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for i, (name, sel) in enumerate(rows):
+        for j, r in enumerate(sel.itertuples(index=False)):
+            img = reader.read(int(r.dz_tile_size), int(r.dz_level), int(r.col), int(r.row))
+            ax = axes[i, j]
+            ax.imshow(img)
+            ax.set_title(f"{name} {j + 1}: {getattr(r, score):.3g}\n({int(r.x)}, {int(r.y)}) @ {float(r.magnification):g}x",
+                         fontsize=7)
+    if not rows:
+        axes[0, 0].text(0.5, 0.5, "no tiles", ha="center", va="center")
     if title:
         fig.suptitle(title)
     return fig

@@ -96,10 +96,19 @@ def exported_tiles(wildcards=None):
             for s in SLIDES for m in TILE_MAGNIFICATIONS]
 
 
+def annotation_files(wildcards=None):
+    """The <slide_id>.geojson region annotations (config heatmap.annotations) that exist."""
+    folder = config["heatmap"]["annotations"]
+    if not folder:
+        return []
+    return [p for p in (os.path.join(folder, f"{s}.geojson") for s in SLIDES) if os.path.exists(p)]
+
+
 def get_final_output():
     return [
         f"{OUT}/summary/{MODEL}/summary.csv",
         *expand(f"{OUT}/heatmaps/{MODEL}/{{slide}}.png", slide=SLIDES),
+        *([f"{OUT}/heatmaps/{MODEL}/localisation.csv"] if config["heatmap"]["annotations"] else []),
         f"{OUT}/run_summary/slides.tsv",
         f"{OUT}/qc/slides.tsv",
         *exported_tiles(),

@@ -19,6 +19,9 @@ rule heatmap:
             subcategory=lambda wildcards: f"label: {_LABEL[wildcards.slide]}",
             labels=slide_labels,
         ),
+        tiles=f"{OUT}/heatmaps/{MODEL}/{{slide}}.tiles.csv",
+        geojson=f"{OUT}/heatmaps/{MODEL}/{{slide}}.geojson",
+        top_tiles=f"{OUT}/heatmaps/{MODEL}/{{slide}}.top_tiles.png",
     params:
         models=fold_models(),
         magnification=config["training"]["magnification"],
@@ -27,6 +30,8 @@ rule heatmap:
         alpha=config["heatmap"]["alpha"],
         cmap=config["heatmap"]["cmap"],
         percentiles=[config["heatmap"]["low_percentile"], config["heatmap"]["high_percentile"]],
+        smooth_sigma=config["heatmap"]["smooth_sigma"],
+        top_k=config["heatmap"]["top_k"],
     log:
         f"logs/heatmap/{MODEL}/{{slide}}.log",
     benchmark:
@@ -35,3 +40,23 @@ rule heatmap:
         "../../envs/heatmaps.yaml"
     script:
         "../../scripts/heatmap.py"
+
+
+rule localisation:
+    """Per-slide ROC AUC of tile attention against the annotated regions (config heatmap.annotations)."""
+    input:
+        tiles=expand(f"{OUT}/heatmaps/{MODEL}/{{slide}}.tiles.csv", slide=SLIDES),
+        annotations=annotation_files,
+        samples=config["samples"],
+    output:
+        csv=f"{OUT}/heatmaps/{MODEL}/localisation.csv",
+    params:
+        annotations=config["heatmap"]["annotations"],
+    log:
+        f"logs/localisation/{MODEL}.log",
+    benchmark:
+        f"benchmarks/localisation/{MODEL}.tsv"
+    conda:
+        "../../envs/heatmaps.yaml"
+    script:
+        "../../scripts/localisation.py"

@@ -5,9 +5,11 @@ dry run never opens a slide: it only needs the files to exist), then times `snak
 fresh process (interpreter start, workflow parsing, sheet validation, DAG building and printing
 the plan: everything a user waits for). Results go to stdout as a Markdown table.
 
-    .venv/bin/python tests/bench/bench_dag.py                      # 500, 1000, 5000 slides
-    .venv/bin/python tests/bench/bench_dag.py --sizes 5000 --profile dag.prof   # + cProfile
-    .venv/bin/python -m pstats dag.prof                            # then: sort cumtime / stats 30
+    .venv/bin/python scripts/bench/bench_dag.py          # 500, 1000, 5000 slides (make bench-dag)
+    .venv/bin/python scripts/bench/bench_dag.py --sizes 5000 --profile dag.prof   # + cProfile
+    .venv/bin/python -m pstats dag.prof                  # then: sort cumtime / stats 30
+
+tests/test_dag_scale.py plans a few hundred placeholder slides with the same helper (untimed).
 """
 
 from __future__ import annotations
