@@ -22,7 +22,7 @@ N = 300
 
 def job_resources(text: str, rule: str, slide: str | None = None) -> dict[str, str]:
     """The `resources:` line of one job of a dry run (the first of ``rule``, or the one of ``slide``)."""
-    for m in re.finditer(r"^rule (\w+):\n((?:[ \t]+.*\n)*)", text, flags=re.M):
+    for m in re.finditer(r"^(?:local)?rule (\w+):\n((?:[ \t]+.*\n)*)", text, flags=re.M):
         body = m.group(2)
         if m.group(1) != rule or (slide and not re.search(rf"wildcards: .*\bslide={slide}\b", body)):
             continue

@@ -10,7 +10,7 @@ from PIL import Image
 from slidesnake.demo import write_slide
 from slidesnake.slide import open_slide, resolve_resolution
 from slidesnake.tiling import TileReader, build_grid
-from slidesnake.tissue import (ArtefactParams, Overview, TissueMask, TissueParams, artefact_fractions,
+from slidesnake.tissue import (ArtefactParams, TissueMask, TissueParams, artefact_fractions,
                                edge_density, filter_tiles, mask_geojson, qc_summary, qc_table,
                                qc_thumbnail, read_overview, slide_status, tissue_mask)
 from conftest import shared_slide

@@ -5,6 +5,7 @@ See docs/design.md ("Tile grid") for the level arithmetic and the grid table's c
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import multiprocessing as mp
@@ -12,7 +13,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import openslide
@@ -282,14 +283,9 @@ class TileReader:
     def __getstate__(self):
         return {**self.__dict__, "_slide": None, "_dz": {}}
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-
     def fresh(self) -> "TileReader":
         """A copy without open handles (for a forked worker: never share the parent's handle)."""
-        new = object.__new__(type(self))
-        new.__setstate__(self.__getstate__())
-        return new
+        return copy.copy(self)  # goes through __getstate__
 
     def _generator(self, dz_tile_size: int) -> DeepZoomGenerator:
         if self._slide is None:
