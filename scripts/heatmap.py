@@ -9,10 +9,10 @@ from slidesnake.heatmap import (TILE_COLUMNS, attention_layers, case_weights, he
                                 instance_scores, render, render_panels, render_top_tiles, score_map, smooth,
                                 tile_table, tiles_geojson)
 from slidesnake.io import atomic_path, save_figure, setup_logging, write_table
-from slidesnake.tiling import TileReader
 from slidesnake.samples import read_sheet
 from slidesnake.slide import open_slide
 from slidesnake.store import open_store
+from slidesnake.tiling import TileReader
 from slidesnake.training import load_checkpoint, predict_output
 
 sm = snakemake  # noqa: F821

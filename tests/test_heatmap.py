@@ -161,3 +161,18 @@ def test_instance_scores_only_for_models_with_instance_classifiers():
         s = instance_scores(clam, clam(bag))
         assert s.shape == (7,) and ((s >= 0) & (s <= 1)).all()
         assert instance_scores(abmil, abmil(bag)) is None
+
+
+def test_heatmap_slide_opens_in_openslide_on_slide_coordinates(tmp_path):
+    import openslide
+
+    from slidesnake.heatmap import write_heatmap_slide
+
+    tiles = pd.DataFrame({"magnification": 20.0, "x": [0, 512, 1024], "y": [256, 256, 768], "w": 512, "h": 512,
+                          "attention_norm": [0.0, 1.0, 0.5]})
+    write_heatmap_slide(tmp_path / "h.svs", tiles, (1700, 1300), cmap="gray")
+    s = openslide.open_slide(str(tmp_path / "h.svs"))
+    assert s.dimensions == (1700, 1300) and s.level_count >= 2
+    px = lambda x, y: np.asarray(s.read_region((x, y), 0, (1, 1)).convert("RGB"))[0, 0].astype(int)  # noqa: E731
+    assert (px(256, 512) < 30).all() and (px(768, 512) > 225).all()  # score 0 -> black, 1 -> white (gray)
+    assert abs(px(1280, 1024)[0] - 128) < 20 and (px(100, 100) > 225).all()  # 0.5 -> grey; off tiles: white

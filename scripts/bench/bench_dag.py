@@ -52,7 +52,8 @@ def make_placeholder_cohort(workdir: Path, n_slides: int, slides_per_patient: in
     return ids
 
 
-def dry_run(workdir: Path, *extra: str, profile: Path | None = None) -> tuple[float, float, str]:
+def dry_run(workdir: Path, *extra: str, profile: Path | None = None,
+            snakefile: Path = SNAKEFILE) -> tuple[float, float, str]:
     """Wall and CPU seconds of `snakemake -n` in ``workdir``, and its output.
 
     On a busy machine wall time mostly measures the other processes; the CPU time (user + system of
@@ -61,7 +62,7 @@ def dry_run(workdir: Path, *extra: str, profile: Path | None = None) -> tuple[fl
     prefix = [sys.executable]
     if profile is not None:
         prefix += ["-m", "cProfile", "-o", str(profile)]
-    cmd = [*prefix, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+    cmd = [*prefix, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
            "--configfile", str(workdir / "config.yaml"), "-n", *extra]
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -87,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="dry runs per size (the minimum is reported)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the cohorts here (default: a temp dir)")
     ap.add_argument("--profile", type=Path, default=None, help="cProfile output of the largest size's run")
+    ap.add_argument("--snakefile", type=Path, default=SNAKEFILE,
+                    help="another copy of the workflow, to compare (default: this repository's)")
     args = ap.parse_args(argv)
 
     import snakemake
@@ -99,11 +102,11 @@ def main(argv=None) -> int:
     for n in args.sizes:
         work = root / f"n{n}"
         make_placeholder_cohort(work, n)
-        wall, cpu, text = min(dry_run(work) for _ in range(args.repeat))
+        wall, cpu, text = min(dry_run(work, snakefile=args.snakefile) for _ in range(args.repeat))
         print(f"| {n:,} | {job_total(text):,} | {wall:.1f} | {cpu:.1f} | {os.getloadavg()[0]:.1f} |",
               flush=True)
     if args.profile is not None:
-        dry_run(root / f"n{args.sizes[-1]}", profile=args.profile)
+        dry_run(root / f"n{args.sizes[-1]}", profile=args.profile, snakefile=args.snakefile)
         print(f"\ncProfile of the {args.sizes[-1]:,}-slide dry run: {args.profile}")
     if tmp:
         tmp.cleanup()

@@ -3,6 +3,9 @@
 Tile scores are placed by their level-0 boxes (so the map sits exactly on the tissue whatever the
 magnification), overlapping tiles are averaged, and scores are percentile-normalised within the
 slide before they are blended over the thumbnail.
+
+Also the per-tile exports of rule ``heatmap`` (scores table, QuPath detections, top/bottom tile
+montage) and the localisation metric against annotated regions (``localisation_auc``).
 """
 
 from __future__ import annotations
@@ -375,3 +378,32 @@ def render_top_tiles(reader, tiles: pd.DataFrame, k: int = 8, *, score: str = "a
     if title:
         fig.suptitle(title)
     return fig
+
+
+def write_heatmap_slide(path, tiles: pd.DataFrame, slide_dims: tuple[int, int], *, score: str = "attention_norm",
+                        cmap: str = "jet", mpp: float = 0.5, objective: float = 20, alpha: float = 1.0) -> None:
+    """The tile scores as a pyramidal tiled TIFF (Aperio SVS layout, :func:`slidesnake.demo.write_slide`)
+    with the slide's level-0 dimensions, so OpenSlide (and QuPath / viewers) open it on the slide's
+    coordinates: each tile box coloured by ``score`` through ``cmap``, off-tile pixels white. Scores of
+    the finest magnification are drawn; overlapping tiles are averaged (:func:`score_map`)."""
+    import matplotlib
+
+    from slidesnake.demo import write_slide
+
+    width, height = int(slide_dims[0]), int(slide_dims[1])
+    if len(tiles):
+        tiles = tiles[np.isclose(tiles["magnification"].astype(float), float(tiles["magnification"].max()))]
+    cell = max(1.0, float(tiles[["w", "h"]].to_numpy().min()) / 4) if len(tiles) else float(max(width, height))
+    dims = (max(1, int(np.ceil(width / cell))), max(1, int(np.ceil(height / cell))))
+    amap = score_map(tiles[["x", "y"]].to_numpy(), tiles[["w", "h"]].to_numpy(), tiles[score].to_numpy(float),
+                     (dims[0] * cell, dims[1] * cell), dims) if len(tiles) else np.full(dims[::-1], np.nan)
+    rgba = matplotlib.colormaps[cmap](np.nan_to_num(amap, nan=0.0))[..., :3]
+    colour = (255 * (alpha * rgba + (1 - alpha))).round().astype(np.uint8)
+    colour[~np.isfinite(amap)] = 255
+
+    def render(x, y, w, h, ds):
+        cx = np.clip(((x + (np.arange(w) + 0.5) * ds) / cell).astype(np.int64), 0, dims[0] - 1)
+        cy = np.clip(((y + (np.arange(h) + 0.5) * ds) / cell).astype(np.int64), 0, dims[1] - 1)
+        return colour[cy[:, None], cx[None, :]]
+
+    write_slide(path, width, height, render, mpp=mpp, objective=objective)

@@ -109,6 +109,7 @@ def get_final_output():
         f"{OUT}/summary/{MODEL}/summary.csv",
         *expand(f"{OUT}/heatmaps/{MODEL}/{{slide}}.png", slide=SLIDES),
         *([f"{OUT}/heatmaps/{MODEL}/localisation.csv"] if config["heatmap"]["annotations"] else []),
+        *(expand(f"{OUT}/heatmaps/{MODEL}/{{slide}}.heatmap.svs", slide=SLIDES) if config["heatmap"]["pyramid"] else []),
         f"{OUT}/run_summary/slides.tsv",
         f"{OUT}/qc/slides.tsv",
         *exported_tiles(),

@@ -60,3 +60,22 @@ rule localisation:
         "../../envs/heatmaps.yaml"
     script:
         "../../scripts/localisation.py"
+
+
+rule heatmap_pyramid:
+    """Optional (config heatmap.pyramid): the heatmap as a pyramidal TIFF on the slide's level-0 grid."""
+    input:
+        slide=slide_path,
+        tiles=f"{OUT}/heatmaps/{MODEL}/{{slide}}.tiles.csv",
+    output:
+        tiff=f"{OUT}/heatmaps/{MODEL}/{{slide}}.heatmap.svs",
+    params:
+        cmap=config["heatmap"]["cmap"],
+    log:
+        f"logs/heatmap_pyramid/{MODEL}/{{slide}}.log",
+    benchmark:
+        f"benchmarks/heatmap_pyramid/{MODEL}/{{slide}}.tsv"
+    conda:
+        "../../envs/heatmaps.yaml"
+    script:
+        "../../scripts/heatmap_pyramid.py"
