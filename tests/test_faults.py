@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from slidesnake.store import open_store
 from test_workflow import snakemake, write_config
@@ -96,19 +97,25 @@ def test_killed_extract_features_leaves_no_store_and_rerun_is_identical(done, tm
 
 def test_killed_training_leaves_no_checkpoint_and_rerun_is_identical(done, tmp_path):
     ref, _ = done
-    work = _copy(ref, tmp_path / "w")
-    fold_dir = work / "results" / "models" / "abmil" / "fold_0"
-    for f in fold_dir.iterdir():
-        f.unlink()
+    # A training parameter changes, so every fold retrains; one copy is killed mid-training and
+    # restarted, the other runs uninterrupted.
+    work, clean = _copy(ref, tmp_path / "w"), _copy(ref, tmp_path / "clean")
+    for d in (work, clean):
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        cfg["training"]["lr"] = 3e-4
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     log = work / "logs" / "train" / "abmil" / "fold_0.log"
     log.unlink()
     proc = _start(work)
     _kill_when(work, "train.py", lambda: log.exists() and "epoch   2/" in log.read_text())
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, out
-    assert not any(f.name in ("model.pt", "history.csv", "predictions.csv") for f in fold_dir.iterdir())
+    fold_dir = work / "results" / "models" / "abmil" / "fold_0"
+    assert not fold_dir.exists() or not any(
+        f.name in ("model.pt", "history.csv", "predictions.csv") for f in fold_dir.iterdir())
     snakemake(work, "--cores", "2")
-    ref_dir = ref / "results" / "models" / "abmil" / "fold_0"
+    snakemake(clean, "--cores", "2")
+    ref_dir = clean / "results" / "models" / "abmil" / "fold_0"
     a = torch.load(fold_dir / "model.pt", weights_only=True)
     b = torch.load(ref_dir / "model.pt", weights_only=True)
     assert a["best_epoch"] == b["best_epoch"]
@@ -117,4 +124,4 @@ def test_killed_training_leaves_no_checkpoint_and_rerun_is_identical(done, tmp_p
     pd.testing.assert_frame_equal(pd.read_csv(fold_dir / "predictions.csv"),
                                   pd.read_csv(ref_dir / "predictions.csv"))
     summary = "results/summary/abmil/summary.csv"
-    pd.testing.assert_frame_equal(pd.read_csv(work / summary), pd.read_csv(ref / summary))
+    pd.testing.assert_frame_equal(pd.read_csv(work / summary), pd.read_csv(clean / summary))
