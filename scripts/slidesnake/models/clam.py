@@ -68,6 +68,21 @@ def instance_eval(attention: Tensor, h: Tensor, classifier: nn.Module, k: int, i
     return loss_fn(classifier(h[idx]), targets), idx, targets
 
 
+def clustering_loss(h: Tensor, label: Tensor, classifiers, k: int, subtyping: bool, loss_fn,
+                    attention_of) -> Tensor:
+    """CLAM's instance-level loss of one bag: the in-class branch's top-k as positives and bottom-k
+    as negatives, and (``subtyping``) every out-of-class branch's top-k as negatives, averaged over
+    the branches then. ``attention_of(c)`` is the attention that ranks instances for class ``c``."""
+    y = int(label)
+    total = h.new_zeros(())
+    for c, classifier in enumerate(classifiers):
+        if c != y and not subtyping:
+            continue
+        loss, _, _ = instance_eval(attention_of(c), h, classifier, k, c == y, loss_fn)
+        total = total + loss
+    return total / len(classifiers) if subtyping else total
+
+
 @register_model("clam")
 class CLAM(MILModel):
     """CLAM-SB (default) or CLAM-MB (``multi_branch=True``).
@@ -135,17 +150,8 @@ class CLAM(MILModel):
         k = min(self.k_sample, h.shape[0] // 2)
         if k == 0:
             return h.new_zeros(())
-        y = int(label)
-        total = h.new_zeros(())
-        for c, classifier in enumerate(self.instance_classifiers):
-            if c != y and not self.subtyping:
-                continue
-            branch = branches[c] if self.multi_branch else branches[0]
-            loss, _, _ = instance_eval(branch, h, classifier, k, c == y, self.instance_loss_fn)
-            total = total + loss
-        if self.subtyping:
-            total = total / len(self.instance_classifiers)
-        return total
+        return clustering_loss(h, label, self.instance_classifiers, k, self.subtyping, self.instance_loss_fn,
+                               lambda c: branches[c] if self.multi_branch else branches[0])
 
     def loss(self, output: MILOutput, label: Tensor, class_weights: Tensor | None = None) -> dict[str, Tensor]:
         bag = weighted_cross_entropy(output.logits, label, class_weights)

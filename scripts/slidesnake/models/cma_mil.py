@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from slidesnake.bags import MultiscaleBag
 from slidesnake.models import register_model
 from slidesnake.models.base import MILModel, MILOutput, weighted_cross_entropy
-from slidesnake.models.clam import INSTANCE_LOSSES, instance_eval, smooth_top1_svm_loss
+from slidesnake.models.clam import INSTANCE_LOSSES, clustering_loss, smooth_top1_svm_loss
 from slidesnake.models.layers import MLP, AttentionPooling
 
 FUSIONS = ("attention", "concat")
@@ -205,16 +205,8 @@ class CMAMIL(MILModel):
         k = min(self.k_sample, h.shape[0] // 2)
         if k == 0:
             return h.new_zeros(())
-        y = int(label)
-        total = h.new_zeros(())
-        for c, classifier in enumerate(self.instance_classifiers):
-            if c != y and not self.subtyping:
-                continue
-            loss, _, _ = instance_eval(attention, h, classifier, k, c == y, self.instance_loss_fn)
-            total = total + loss
-        if self.subtyping:
-            total = total / len(self.instance_classifiers)
-        return total
+        return clustering_loss(h, label, self.instance_classifiers, k, self.subtyping, self.instance_loss_fn,
+                               lambda c: attention)
 
     def loss(self, output: MILOutput, label: Tensor, class_weights: Tensor | None = None) -> dict[str, Tensor]:
         ce = weighted_cross_entropy(output.logits, label, class_weights)
