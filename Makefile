@@ -5,14 +5,16 @@ BIN    := $(VENV)/bin
 CORES  ?= all
 DEMO   ?= resources/demo
 DEMO_MULTISTAIN ?= resources/demo_multistain
+DEMO_PREDICT ?= resources/demo_predict
 XDG_CONFIG_HOME ?= $(HOME)/.config
 
-.PHONY: demo demo-data test lint dry-run report clean help slurm-profile demo-cma demo-multistain demo-multistain-data bench-features bench-tiling bench-dag
+.PHONY: demo demo-data test lint dry-run report clean help slurm-profile demo-cma demo-multistain demo-multistain-data predict-demo predict-demo-data bench-features bench-tiling bench-dag
 
 help:
 	@echo "make demo   - create $(VENV), generate the demo cohort, run the whole pipeline on it"
 	@echo "make demo-cma        - the demo cohort with cma_mil at 5x/10x/20x (results/demo_cma)"
 	@echo "make demo-multistain - a multi-stain (HE + IHC) demo cohort with hier_multistain (results/demo_multistain)"
+	@echo "make predict-demo - after make demo: its fold models predict new demo slides (results/predict/demo_new)"
 	@echo "make test   - create $(VENV) with test extras and run the test suite"
 	@echo "make lint   - snakemake --lint on the demo configuration"
 	@echo "make bench-features - feature extraction vs the backbone alone and a naive loader (BENCH_ARGS='--size 8000' for a quick run)"
@@ -41,6 +43,14 @@ demo-multistain-data: $(BIN)/.installed
 
 demo-multistain: demo-multistain-data
 	$(BIN)/snakemake --configfile config/demo.yaml config/demo_multistain.yaml --cores $(CORES)
+
+# New slides (another seed, ids NEW-...) predicted by the demo's trained fold models: the `predict`
+# target (config/predict_demo.yaml), after the demo run it depends on.
+predict-demo-data: $(BIN)/.installed
+	$(BIN)/python -m slidesnake.demo --out $(DEMO_PREDICT) --patients 4 --seed 101 --predict-sheet NEW-
+
+predict-demo: demo predict-demo-data
+	$(BIN)/snakemake --configfile config/demo.yaml config/predict_demo.yaml --cores $(CORES) predict
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

@@ -6,6 +6,7 @@ import json
 
 import pandas as pd
 
+from slidesnake.exclusion import excluded_of, log_excluded
 from slidesnake.io import atomic_path, setup_logging
 from slidesnake.slide import one_line_errors
 from slidesnake.tiling import TileReader, export_tile, mag_label, map_tiles
@@ -15,6 +16,12 @@ log = setup_logging(sm.log[0])
 meta = json.loads(open(sm.input.meta).read())
 slide_id, p = meta["slide_id"], sm.params
 tiles = pd.read_parquet(sm.input.tiles)
+if upstream := excluded_of(meta):  # excluded (on_bad_slide: skip): empty tile directories
+    log_excluded(log, slide_id, meta.get("path"), upstream, upstream=True)
+    for out in sm.output:
+        with atomic_path(out) as tmp:
+            tmp.mkdir(parents=True)
+    raise SystemExit(0)
 kept = tiles[tiles["keep"]]
 reader = TileReader(sm.input.slide, meta["tile_size"], meta["overlap"], meta["limit_bounds"], slide_id=slide_id)
 

@@ -6,6 +6,8 @@ import cv2
 import pandas as pd
 from PIL import Image
 
+from slidesnake.exclusion import (NO_TISSUE_FIX, excluded_of, log_excluded, mode_of, record,
+                                  write_excluded_tissue_outputs)
 from slidesnake.io import atomic_path, setup_logging, write_json, write_table
 from slidesnake.slide import one_line_errors, open_slide
 from slidesnake.tiling import TileReader
@@ -15,9 +17,22 @@ from slidesnake.tissue import (TissueParams, filter_tiles, mask_geojson, qc_summ
 sm = snakemake  # noqa: F821
 log = setup_logging(sm.log[0])
 meta = json.loads(open(sm.input.meta).read())
-slide_id, path = meta["slide_id"], sm.input.slide
+slide_id = meta["slide_id"]
+path = sm.input.slide if sm.input.slide else meta["path"]  # no input: missing file, skip mode (common.smk)
+# on_bad_slide is read from the config, not a rule param: switching it must not rerun good slides.
+mode = mode_of(sm.config)
 
-with one_line_errors(log):
+
+def exclude(rec):
+    write_excluded_tissue_outputs(sm.output, slide_id, path, rec)
+
+
+if upstream := excluded_of(meta):  # excluded by rule tile: pass the marker on, read nothing
+    log_excluded(log, slide_id, path, upstream, upstream=True)
+    exclude(upstream)
+    raise SystemExit(0)
+
+with one_line_errors(log, mode, "filter_tissue", exclude):
     params = TissueParams.from_config(sm.params.tissue)
     slide = open_slide(path, slide_id)
     # The mask is always made (contours and tissue area are QC outputs); it decides tiles only
@@ -48,6 +63,10 @@ with one_line_errors(log):
                  c["artefact"])
     if qc["status"] != "ok":
         log.warning("%s: %s", slide_id, qc["status"])
+        if mode == "skip":  # (fail: recorded in qc.json; training skips the empty bag)
+            qc["excluded"] = record("filter_tissue", f"{qc['status']}: no tile passed the tissue filter",
+                                    NO_TISSUE_FIX.replace("<slide>", slide_id))
+            log_excluded(log, slide_id, path, qc["excluded"])
 
     image = qc_thumbnail(thumb, tiles, size, slide_dimensions=slide.dimensions, mask=mask)
 

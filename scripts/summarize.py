@@ -13,7 +13,10 @@ preds = [pd.read_csv(p, dtype=dtypes) for p in sm.input.predictions]
 summary, oof = summarize(preds, classes)
 write_table(summary, sm.output.summary)
 write_table(oof, sm.output.predictions)
-plot_roc(oof, classes, sm.output.roc)
+if "n_folds" in oof.columns:  # a fixed test set (splits.test_fraction): every fold's curve and the ensemble's
+    plot_roc(preds, classes, sm.output.roc, overall=oof, overall_label="fold ensemble")
+else:
+    plot_roc(oof, classes, sm.output.roc)
 plot_confusion(oof, classes, sm.output.confusion)
 ci_path = getattr(sm.output, "summary_ci", None)
 if ci_path:
@@ -25,5 +28,5 @@ if ci_path:
     log.info("pooled OOF AUC %.3f (%g%% CI %.3f-%.3f; %d bootstrap resamples of %d %ss)", auc["estimate"],
              100 * auc["level"], auc["ci_low"], auc["ci_high"], auc["n_valid"], auc["n_units"], auc["unit"])
 mean = summary.set_index("fold").loc["mean"]
-log.info("%d folds, %d OOF slides: AUC %.3f, balanced accuracy %.3f", len(preds), len(oof), mean["auc"],
-         mean["balanced_accuracy"])
+log.info("%d folds, %d %s: AUC %.3f, balanced accuracy %.3f (mean over folds)", len(preds), len(oof),
+         "held-out test slides" if "n_folds" in oof.columns else "OOF slides", mean["auc"], mean["balanced_accuracy"])

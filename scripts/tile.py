@@ -1,5 +1,6 @@
 """Snakemake script of rule `tile`: the DeepZoom tile grid of one slide at every magnification."""
 
+from slidesnake.exclusion import mode_of, sheet_path, write_excluded_tile_outputs
 from slidesnake.io import setup_logging, write_json, write_table
 from slidesnake.slide import check_readable, one_line_errors, open_slide, resolve_resolution
 from slidesnake.tiling import build_grid, slide_metadata
@@ -7,9 +8,18 @@ from slidesnake.tiling import build_grid, slide_metadata
 sm = snakemake  # noqa: F821
 log = setup_logging(sm.log[0])
 p, slide_id = sm.params, sm.wildcards.slide
-path = sm.input.slide
+# on_bad_slide is read from the config, not a rule param: switching it must not rerun good slides.
+mode = mode_of(sm.config)
+# Under on_bad_slide: skip a slide file missing when the DAG was built is no input (common.smk,
+# slide_path); its path is the sheet's, and open_slide below reports it as not found.
+path = sm.input.slide if sm.input.slide else sheet_path(sm.config["samples"], slide_id)
 
-with one_line_errors(log):
+
+def exclude(rec):
+    write_excluded_tile_outputs(sm.output.grid, sm.output.meta, slide_id, path, rec)
+
+
+with one_line_errors(log, mode, "tile", exclude):
     slide = open_slide(path, slide_id)
     check_readable(slide, slide_id, path)
     res = resolve_resolution(slide.properties, slide_id, path, mpp_override=p.mpp,

@@ -5,7 +5,9 @@ import torch
 
 from slidesnake.io import setup_logging, write_table
 from slidesnake.models import get_model_class
+from slidesnake.bags import NonFiniteError
 from slidesnake.samples import read_sheet
+from slidesnake.slide import one_line_errors
 from slidesnake.training import load_bags, save_checkpoint, train_fold
 
 sm = snakemake  # noqa: F821
@@ -23,10 +25,13 @@ mag = None if mag is None else float(mag)
 bag_type = get_model_class(sm.params.model).bag_type
 mags = [float(m) for m in (getattr(sm.params, "magnifications", None) or [])] or None
 samples = read_sheet(sm.input.samples) if bag_type == "hierarchical" else None
-bags = load_bags(list(sm.input.features), mag, rows["slide_id"].tolist(), log=log, bag_type=bag_type,
-                 magnifications=mags, samples=samples)
-result = train_fold(bags, rows, list(sm.params.classes), sm.params.model, dict(sm.params.model_kwargs or {}),
-                    log=log, **dict(sm.params.training or {}))
+# Excluded slides and empty bags are left out (logged with the reason); NaN / Inf features or a
+# non-finite loss stop the job with one line naming the slide (and fold and epoch).
+with one_line_errors(log, also=(NonFiniteError,)):
+    bags = load_bags(list(sm.input.features), mag, rows["slide_id"].tolist(), log=log, bag_type=bag_type,
+                     magnifications=mags, samples=samples)
+    result = train_fold(bags, rows, list(sm.params.classes), sm.params.model, dict(sm.params.model_kwargs or {}),
+                        log=log, **dict(sm.params.training or {}))
 save_checkpoint(sm.output.model, result, {"magnification": mag, "bag_type": bag_type,
                                           "magnifications": mags if bag_type == "multiscale" else None})
 write_table(result.history, sm.output.history)

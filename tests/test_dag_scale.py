@@ -38,7 +38,7 @@ def test_dry_run_of_a_few_hundred_slides(tmp_path):
     text = proc.stdout + proc.stderr
     assert job_counts(text) == {"tile": N, "filter_tissue": N, "qc_table": 1, "extract_features": N,
                                 "make_splits": 1, "train": K, "summarize": 1, "heatmap": N,
-                                "run_summary": 1, "all": 1}
+                                "run_summary": 1, "excluded_table": 1, "all": 1}
     # the workflow profile: tile memory 1000 MB + half the slide's size in MB, per attempt
     assert job_resources(text, "tile", ids[0])["mem_mb"] == str(1000 + 4096 // 2)
     assert job_resources(text, "tile", ids[1])["mem_mb"] == "1000"

@@ -86,8 +86,32 @@ def test_single_class_fold_gives_nan_auc(caplog):
 
 def test_duplicate_test_slide_rejected():
     f0 = binary(0, ["neg", "pos"], [0.2, 0.7])
+    f1 = pd.concat([f0.iloc[:1], binary(1, ["pos"], [0.9], start=5)]).assign(fold=1)
     with pytest.raises(ValueError, match="more than one fold"):
-        summarize([f0, f0.assign(fold=1)], ["neg", "pos"])
+        summarize([f0, f1], ["neg", "pos"])
+
+
+def test_fixed_test_set_gives_the_fold_ensemble():
+    """Every fold tested on the same slides (splits.test_fraction): per-fold rows on that set, and
+    the cohort predictions and an `ensemble` row from the mean of the folds' probabilities."""
+    labels = ["neg", "neg", "pos", "pos"]
+    folds = [binary(0, labels, [0.1, 0.6, 0.4, 0.9]), binary(0, labels, [0.3, 0.2, 0.8, 0.45]),
+             binary(0, labels, [0.2, 0.7, 0.35, 0.8])]
+    folds = [f.assign(fold=i) for i, f in enumerate(folds)]
+    summary, ens = summarize(folds, ["neg", "pos"])
+    assert list(summary["fold"]) == [0, 1, 2, "mean", "sd", "ensemble"]
+    mean_pos = np.mean([f["prob_pos"] for f in folds], axis=0)
+    np.testing.assert_allclose(ens["prob_pos"], mean_pos)
+    np.testing.assert_allclose(ens["prob_neg"] + ens["prob_pos"], 1)
+    np.testing.assert_allclose(ens["fold1_prob_pos"], folds[1]["prob_pos"])
+    assert list(ens["slide_id"]) == list(folds[0]["slide_id"]) and (ens["n_folds"] == 3).all()
+    assert list(ens["pred"]) == ["pos" if p > 0.5 else "neg" for p in mean_pos]
+    row = summary.set_index("fold").loc["ensemble"]
+    assert row["n"] == 4
+    assert row["auc"] == pytest.approx(roc_auc_score([0, 0, 1, 1], mean_pos))
+    # each fold is scored on the whole fixed set
+    for i, f in enumerate(folds):
+        assert summary.set_index("fold").loc[i, "auc"] == pytest.approx(roc_auc_score([0, 0, 1, 1], f["prob_pos"]))
 
 
 @pytest.mark.parametrize("classes", [["neg", "pos"], ["a", "b", "c"]])

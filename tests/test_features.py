@@ -175,13 +175,14 @@ def test_snakemake_script(tmp_path, cmu_small, tiles, restore_logging):
             "objective_power": 20.0, "objective_source": "openslide.objective-power",
             "tile_size": TILE, "overlap": 0, "limit_bounds": True}
     (tmp_path / "slide.json").write_text(json.dumps(meta))
+    (tmp_path / "qc.json").write_text(json.dumps({"slide_id": "S1", "status": "ok"}))
     sm = SimpleNamespace(
         input=SimpleNamespace(slide=str(cmu_small), tiles=str(tmp_path / "tiles.parquet"),
-                              meta=str(tmp_path / "slide.json")),
+                              meta=str(tmp_path / "slide.json"), qc=str(tmp_path / "qc.json")),
         output=SimpleNamespace(store=str(tmp_path / "out" / "S1.zarr")),
         params=SimpleNamespace(backbone="resnet18_trunc", weights="none", batch_size=8, num_workers=0,
                                device="auto", feature_dtype="float32"),
-        log=[str(tmp_path / "log.txt")], threads=1)
+        log=[str(tmp_path / "log.txt")], threads=1, config={"on_bad_slide": "fail"})
     runpy.run_path(str(REPO / "scripts" / "extract_features.py"), init_globals={"snakemake": sm})
     store = open_store(tmp_path / "out" / "S1.zarr")
     assert store.attrs["slide_id"] == "S1" and store.attrs["objective_power"] == 20.0

@@ -79,7 +79,8 @@ def test_tissue_threshold_reruns_filter_and_after_not_tiling(run_copy):
     edit_config(work, "tissue", edge_threshold=20)
     counts, per_slide = plan(work)
     n = len(slides)
-    assert counts == {"filter_tissue": n, "extract_features": n, "qc_table": 1, **cohort_stages(n)}
+    assert counts == {"filter_tissue": n, "extract_features": n, "qc_table": 1, "excluded_table": 1,
+                      **cohort_stages(n)}
     assert "tile" not in counts
 
 
@@ -97,7 +98,7 @@ def test_added_slide_runs_its_slide_jobs_and_the_cohort_stages(run_copy):
         fh.write("NEW_S1\tNEWPAT\ttumour\tcohort/slides/NEW_S1.svs\tHE\t\n")
     counts, per_slide = plan(work)
     assert counts == {"tile": 1, "filter_tissue": 1, "extract_features": 1, "make_splits": 1, "qc_table": 1,
-                      **cohort_stages(len(slides) + 1)}
+                      "excluded_table": 1, **cohort_stages(len(slides) + 1)}
     for rule in PER_SLIDE:
         assert per_slide[rule] == {"NEW_S1"}, rule
 
@@ -108,6 +109,6 @@ def test_replaced_slide_file_reruns_that_slide_and_the_cohort_stages(run_copy):
     shutil.copyfile(work / "cohort" / "slides" / f"{slides[0]}.svs", target)  # new content, new mtime
     counts, per_slide = plan(work)
     assert counts == {"tile": 1, "filter_tissue": 1, "extract_features": 1, "qc_table": 1,
-                      **cohort_stages(len(slides))}
+                      "excluded_table": 1, **cohort_stages(len(slides))}
     for rule in PER_SLIDE:
         assert per_slide[rule] == {slides[1]}, rule

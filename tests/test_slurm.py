@@ -107,7 +107,8 @@ def test_profile_loaded_and_jobs_submitted(slurm_run):
     n = len(slides)
     per_rule = Counter(slurm_jobs(work).values())
     assert dict(per_rule) == {"tile": n, "filter_tissue": n, "extract_features": n, "make_splits": 1,
-                              "train": K, "summarize": 1, "heatmap": n, "run_summary": 1, "qc_table": 1}
+                              "train": K, "summarize": 1, "heatmap": n, "run_summary": 1, "qc_table": 1,
+                              "excluded_table": 1}
 
 
 def test_sacct_shows_every_job_completed_with_the_profile_resources(slurm_run):

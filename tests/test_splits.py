@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from slidesnake.splits import SplitError, check_splits, make_splits
+from slidesnake.splits import SplitError, check_splits, fixed_test_set, make_splits
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -127,3 +127,48 @@ def test_make_splits_script(tmp_path):
     df = pd.read_csv(out, dtype={"slide_id": str, "patient_id": str})
     check_splits(df)
     pd.testing.assert_frame_equal(df, make_splits(samples, k=4, seed=0))
+
+
+def test_fixed_test_fraction_is_held_out_of_every_fold():
+    """splits.test_fraction: one patient-level stratified test set, the same in every fold, never
+    trained or validated on; the rest validated exactly once (60/20/20 for 0.2 and k = 4)."""
+    samples = cohort((30, 20))
+    df = make_splits(samples, k=4, seed=1, test_fraction=0.2)
+    test = fixed_test_set(df)
+    assert test is not None
+    for fold, g in df.groupby("fold"):
+        assert set(g.loc[g["split"] == "test", "slide_id"]) == test
+        parts = {s: set(g.loc[g["split"] == s, "patient_id"]) for s in ("train", "val", "test")}
+        assert not parts["train"] & parts["test"] and not parts["val"] & parts["test"]
+        assert not parts["train"] & parts["val"]
+    patients = samples.drop_duplicates("patient_id")
+    held = patients[patients["slide_id"].isin(test) | patients["patient_id"].isin(
+        df.loc[df["slide_id"].isin(test), "patient_id"])]
+    assert 0.15 <= len(held) / len(patients) <= 0.25
+    assert set(held["label"]) == {"normal", "tumour"}  # stratified: both classes held out
+    val = df.loc[df["split"] == "val", "slide_id"]
+    assert val.is_unique and set(val) == set(samples["slide_id"]) - test
+    check_splits(df)
+    # deterministic, and the cross-validation scheme is unchanged by the new option's default
+    pd.testing.assert_frame_equal(df, make_splits(samples.sample(frac=1, random_state=3), k=4, seed=1,
+                                                  test_fraction=0.2))
+    pd.testing.assert_frame_equal(make_splits(samples, k=4, seed=1), make_splits(samples, k=4, seed=1,
+                                                                                  test_fraction=0))
+    assert fixed_test_set(make_splits(samples, k=4, seed=1)) is None
+
+
+def test_fixed_test_set_contract_and_limits():
+    samples = cohort((30, 20))
+    df = make_splits(samples, k=3, seed=0, test_fraction=0.25)
+    # a test slide trained on in one fold breaks the contract
+    bad = df.copy()
+    i = bad.index[(bad["fold"] == 1) & (bad["split"] == "test")][0]
+    bad.loc[bad["patient_id"] == bad.loc[i, "patient_id"], "split"] = "train"
+    bad.loc[(bad["fold"] == 1) & (bad["patient_id"] == bad.loc[i, "patient_id"]), "split"] = "train"
+    with pytest.raises(SplitError):
+        check_splits(bad)
+    with pytest.raises(SplitError, match="test_fraction must be in"):
+        make_splits(samples, k=3, test_fraction=0.5)
+    with pytest.raises(SplitError, match="held-out test set"):
+        make_splits(cohort((4, 20)), k=4, test_fraction=0.2)
+    assert fixed_test_set(make_splits(cohort((4, 20)), k=3, test_fraction=0.2)) is not None

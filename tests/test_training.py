@@ -57,7 +57,10 @@ def test_digit_bags_benchmark(digits_run, record_property):
 def test_history_and_predictions_layout(digits_run):
     bags, _, splits, res, _ = digits_run
     h = res.history
-    assert list(h.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "val_bacc", "lr", "seconds"]
+    # then one column per named loss term but the total (abmil: its cross-entropy)
+    assert list(h.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "val_bacc", "lr", "seconds",
+                               "train_ce"]
+    assert (h["train_ce"] == h["train_loss"]).all()  # abmil's total is its cross-entropy
     assert h["epoch"].tolist() == list(range(1, len(h) + 1))
     assert res.best_epoch == int(h.loc[h["val_loss"].idxmin(), "epoch"])
     assert len(h) >= 5 and len(h) - res.best_epoch <= 5  # early stopping with patience 5

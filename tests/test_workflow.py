@@ -70,7 +70,7 @@ def test_dry_run_lists_every_rule(run):
     n = len(sheet)
     assert job_counts(dry) == {"tile": n, "filter_tissue": n, "extract_features": n, "make_splits": 1,
                                "train": K, "summarize": 1, "heatmap": n, "qc_table": 1, "run_summary": 1,
-                               "all": 1}
+                               "excluded_table": 1, "all": 1}
 
 
 def test_every_output_present_and_well_formed(run):

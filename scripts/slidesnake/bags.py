@@ -63,6 +63,41 @@ class CaseBag:
         return [(s, i, sid) for s, ids in self.slide_ids.items() for i, sid in enumerate(ids)]
 
 
+@dataclass
+class ExcludedBag:
+    """Stands in for the bag of a slide (or case) left out of training, with the reason: a feature
+    store marked excluded (config ``on_bad_slide: skip``, :mod:`slidesnake.exclusion`). Training
+    skips it like an empty bag (:func:`empty_reason`), logging the reason."""
+
+    reason: str
+
+
+class NonFiniteError(ValueError):
+    """NaN / Inf in a slide's features or in a training loss; the message is one line naming the
+    slide (and fold and epoch) and the fix."""
+
+
+class NonFiniteLossError(NonFiniteError, RuntimeError):
+    """A non-finite loss: training diverged (also a RuntimeError, which tuning treats as a failed trial)."""
+
+
+def check_finite(features, slide_id: str, path, magnification: float | None) -> None:
+    """Raise NonFiniteError when a slide's features hold NaN / Inf."""
+    a = np.asarray(features)
+    if a.size and not np.isfinite(a).all():
+        rows = int((~np.isfinite(a).reshape(len(a), -1).all(axis=1)).sum())
+        at = f" at {float(magnification):g}x" if magnification is not None else ""
+        raise NonFiniteError(
+            f"slide {slide_id!r} ({path}): {rows} of {len(a)} tiles have non-finite (NaN/Inf) features{at}; "
+            "delete its feature store and extract it again (check features.weights)")
+
+
+def excluded_reason(store) -> str | None:
+    """``"excluded at <stage>: <reason>"`` for a store marked excluded, else None."""
+    rec = store.excluded
+    return f"excluded at {rec.get('stage', '?')}: {rec.get('reason', '?')}" if rec else None
+
+
 # ---------------------------------------------------------------------------------- generic helpers
 
 def bag_type_of(bag) -> str:
@@ -77,13 +112,15 @@ def check_bag_type(bag, bag_type: str, where: str = "bag") -> None:
     if bag_type not in BAG_TYPES:
         raise ValueError(f"unknown bag_type {bag_type!r}; expected one of {BAG_TYPES}")
     got = bag_type_of(bag)
-    if got != bag_type:
+    if got != bag_type and not isinstance(bag, ExcludedBag):
         raise TypeError(f"{where}: the model reads {bag_type!r} bags but got a {got!r} bag "
                         f"({type(bag).__name__}); build bags with load_bags(..., bag_type={bag_type!r})")
 
 
 def feature_arrays(bag) -> list:
-    """Every feature array of a bag (flat: the bag itself)."""
+    """Every feature array of a bag (flat: the bag itself; excluded: none)."""
+    if isinstance(bag, ExcludedBag):
+        return []
     if isinstance(bag, MultiscaleBag):
         return list(bag.features.values())
     if isinstance(bag, CaseBag):
@@ -122,7 +159,9 @@ def feature_dims(bag) -> set[int]:
 
 
 def empty_reason(bag) -> str | None:
-    """Why a bag cannot be used (None when it can): no tile at all, or none at some magnification."""
+    """Why a bag cannot be used (None when it can): excluded, no tile at all, or none at some magnification."""
+    if isinstance(bag, ExcludedBag):
+        return bag.reason
     if isinstance(bag, MultiscaleBag):
         empty = [f"{m:g}x" for m, a in bag.features.items() if len(a) == 0]
         return f"no tiles at {', '.join(empty)}" if empty else None
@@ -184,6 +223,9 @@ def case_bag(case_id: str, slides: Sequence[tuple[str, str]], features: Mapping[
     ids: dict[str, list[str]] = {}
     for sid, stain in sorted(slides, key=lambda t: (t[1], t[0])):
         x = features[sid]
+        if isinstance(x, ExcludedBag):
+            log.warning("case %s: slide %s (%s) %s; left out of the case", case_id, sid, stain, x.reason)
+            continue
         if len(x) == 0:
             log.warning("case %s: slide %s (%s) has no tiles; left out of the case", case_id, sid, stain)
             continue
@@ -233,8 +275,19 @@ def load_structured_bags(
         if not magnifications or len(magnifications) < 2:
             raise ValueError(f"multiscale bags need at least two magnifications "
                              f"(config training.magnifications); got {magnifications}")
-        bags = {sid: multiscale_bag(open_store(stores[sid]), magnifications) for sid in slide_ids}
+        bags = {}
+        for sid in slide_ids:
+            store = open_store(stores[sid])
+            if reason := excluded_reason(store):
+                log.warning("slide %s %s; left out of training", sid, reason)
+                bags[sid] = ExcludedBag(reason)
+                continue
+            bags[sid] = multiscale_bag(store, magnifications)
+            for m, a in bags[sid].features.items():
+                check_finite(a, sid, stores[sid], m)
         for sid, bag in bags.items():
+            if isinstance(bag, ExcludedBag):
+                continue
             missing = {f"{f:g}x->{c:g}x": int((np.asarray(p) < 0).sum()) for (f, c), p in bag.parents.items()}
             log.debug("%s: tiles %s; tiles without parent %s", sid,
                       {f"{m:g}x": len(a) for m, a in bag.features.items()}, missing)
@@ -255,7 +308,12 @@ def load_structured_bags(
         feats = {}
         for sid in slide_ids:
             store = open_store(stores[sid])
-            feats[sid] = store.features(_resolve_mags(store, [magnification])[0] if magnification is not None else None)
+            if reason := excluded_reason(store):
+                feats[sid] = ExcludedBag(reason)
+                continue
+            mag = _resolve_mags(store, [magnification])[0] if magnification is not None else None
+            feats[sid] = store.features(mag)
+            check_finite(feats[sid], sid, stores[sid], mag)
         by_case: dict[str, list[tuple[str, str]]] = {}
         for sid in slide_ids:
             by_case.setdefault(patient[str(sid)], []).append((str(sid), stain[str(sid)]))

@@ -1172,6 +1172,15 @@ def make_cohort(
     return sheet
 
 
+def predict_sheet(sheet: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """A cohort's sheet as new slides to predict (config ``predict.samples``): ids prefixed with
+    ``prefix`` (so they differ from a training cohort's), no label column."""
+    out = sheet.drop(columns=["label"]).copy()
+    out["slide_id"] = prefix + out["slide_id"].astype(str)
+    out["patient_id"] = prefix + out["patient_id"].astype(str)
+    return out
+
+
 def _write_if_changed(text: str, path: str) -> None:
     """Atomically write ``text`` unless the file already holds exactly it (keeps the mtime)."""
     try:
@@ -1202,6 +1211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="multi-stain cohort: every patient gets slides of each of these stains")
     parser.add_argument("--slices-per-stain", nargs=2, type=int, default=(1, 3), metavar=("MIN", "MAX"),
                         help="slides per patient and stain of a multi-stain cohort (default 1 3)")
+    parser.add_argument("--predict-sheet", metavar="PREFIX", default=None,
+                        help="also write predict.tsv: the slides as new, unlabelled slides (config predict.samples) "
+                             "with PREFIX before every id; their labels stay in samples.tsv")
     args = parser.parse_args(argv)
 
     skipped = []
@@ -1226,6 +1238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(sheet)} slides ({len(skipped)} already present), {sheet.patient_id.nunique()} patients"
         f" -> {os.path.join(args.out, 'samples.tsv')}"
     )
+    if args.predict_sheet is not None:
+        path = os.path.join(args.out, "predict.tsv")
+        _write_if_changed(predict_sheet(sheet, args.predict_sheet).to_csv(sep="\t", index=False), path)
+        print(f"predict sheet (ids {args.predict_sheet}..., no labels) -> {path}")
     return 0
 
 

@@ -70,10 +70,37 @@ def fold_metrics(pred: pd.DataFrame, classes: Sequence[str], fold=None) -> dict:
     return row
 
 
-def summarize(fold_predictions: Sequence[pd.DataFrame], classes: Sequence) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-fold test metrics with ``mean`` and ``sd`` rows, and the out-of-fold predictions.
+def fold_ensemble(test: pd.DataFrame, classes: Sequence) -> pd.DataFrame:
+    """Mean class probabilities over folds of slides every fold tested (a fixed held-out test set).
 
-    A ``fold`` column in a prediction table names its fold, else its position in the list does.
+    ``test``: the folds' test rows stacked (``fold, slide_id, patient_id, label, split,
+    prob_<class>..., pred``). One row per slide, in first-seen order: ``prob_<class>`` the mean over
+    folds, ``pred`` its argmax, ``n_folds`` and ``fold<k>_prob_<class>`` each fold's probabilities.
+    """
+    classes = [str(c) for c in classes]
+    cols = prob_columns(classes)
+    keys = [c for c in ("slide_id", "patient_id", "label", "split") if c in test.columns]
+    order = pd.unique(test["slide_id"])
+    mean = test.groupby("slide_id", sort=False)[cols].mean()
+    out = test.drop_duplicates("slide_id").set_index("slide_id").loc[order, keys[1:]]
+    out = pd.concat([out, mean.loc[order]], axis=1)
+    out["pred"] = np.asarray(classes)[np.argmax(out[cols].to_numpy(float), axis=1)]
+    out["n_folds"] = test.groupby("slide_id", sort=False)["fold"].nunique().loc[order]
+    wide = test.pivot(index="slide_id", columns="fold", values=cols)
+    for fold in sorted(test["fold"].unique()):
+        for c in classes:
+            out[f"fold{fold}_prob_{c}"] = wide[(f"prob_{c}", fold)].loc[order]
+    return out.reset_index()
+
+
+def summarize(fold_predictions: Sequence[pd.DataFrame], classes: Sequence) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-fold test metrics with ``mean`` and ``sd`` rows, and the cohort predictions.
+
+    Cross-validation (each slide tested by one fold): the cohort predictions are the out-of-fold
+    ones. Fixed held-out test set (every fold tests the same slides, ``splits.test_fraction``): the
+    cohort predictions are the fold ensemble (:func:`fold_ensemble`) and the summary gains an
+    ``ensemble`` row of its metrics. A ``fold`` column in a prediction table names its fold, else
+    its position in the list does.
     """
     classes = [str(c) for c in classes]
     rows, oof = [], []
@@ -101,8 +128,16 @@ def summarize(fold_predictions: Sequence[pd.DataFrame], classes: Sequence) -> tu
     oof_df = pd.concat(oof, ignore_index=True) if oof else pd.DataFrame()
     if not oof_df.empty:
         dup = oof_df["slide_id"][oof_df["slide_id"].duplicated()]
-        if len(dup):
-            raise ValueError(f"slide(s) tested in more than one fold: {sorted(set(dup))[:10]}")
+        tested = [frozenset(t["slide_id"]) for t in oof]
+        if len(dup) and len(oof) == len(fold_predictions) and all(t == tested[0] for t in tested):
+            oof_df = fold_ensemble(oof_df, classes)
+            ens = fold_metrics(oof_df, classes, fold="ensemble")
+            log.info("fixed test set of %d slides, every fold tested on it: ensemble of %d folds, AUC %.3f",
+                     len(oof_df), len(oof), ens["auc"])
+            summary = pd.concat([summary, pd.DataFrame([ens])], ignore_index=True)
+        elif len(dup):
+            raise ValueError(f"slide(s) tested in more than one fold: {sorted(set(dup))[:10]} (and the folds' "
+                             "test sets differ, so this is neither cross-validation nor a fixed test set)")
     return summary, oof_df
 
 
@@ -254,14 +289,18 @@ def _as_frame(preds) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def plot_roc(preds, classes: Sequence, path: str | os.PathLike) -> None:
+def plot_roc(preds, classes: Sequence, path: str | os.PathLike, overall: pd.DataFrame | None = None,
+             overall_label: str = "pooled OOF") -> None:
     """Per-fold ROC curves and the pooled out-of-fold curve (AUC in the legend).
 
     ``preds``: the OOF table (with a ``fold`` column) or a list of per-fold tables (test rows
     used). Binary: one panel for the positive (last) class; more classes: one-vs-rest panel per class.
+    ``overall`` (default: ``preds`` pooled) is the thick curve, e.g. the fold ensemble on a fixed
+    test set, labelled ``overall_label``.
     """
     classes = [str(c) for c in classes]
     df = _as_frame(preds)
+    whole = df if overall is None else overall
     panels = [classes[-1]] if len(classes) == 2 else classes
     fig = _figure((4.2 * len(panels), 4.2))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -272,11 +311,11 @@ def plot_roc(preds, classes: Sequence, path: str | os.PathLike) -> None:
                 continue
             fpr, tpr, _ = roc_curve(y, g[f"prob_{c}"].to_numpy(float))
             ax.plot(fpr, tpr, lw=1, alpha=0.5, label=f"fold {fold} (AUC {roc_auc_score(y, g[f'prob_{c}']):.3f})")
-        y = df["label"].astype(str).to_numpy() == c
+        y = whole["label"].astype(str).to_numpy() == c
         if y.any() and not y.all():
-            fpr, tpr, _ = roc_curve(y, df[f"prob_{c}"].to_numpy(float))
+            fpr, tpr, _ = roc_curve(y, whole[f"prob_{c}"].to_numpy(float))
             ax.plot(fpr, tpr, lw=2.5, color="black",
-                    label=f"pooled OOF (AUC {roc_auc_score(y, df[f'prob_{c}']):.3f})")
+                    label=f"{overall_label} (AUC {roc_auc_score(y, whole[f'prob_{c}']):.3f})")
         ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
                title=f"ROC: {c}" + (" vs rest" if len(classes) > 2 else ""), aspect="equal")

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import slidesnake
 from slidesnake.backbones import Backbone, create_backbone
+from slidesnake.slide import SlideError, pixel_errors
 from slidesnake.store import FeatureStore, StoreWriter, open_store
 from slidesnake.tiling import TileReader
 
@@ -66,7 +67,8 @@ class _NativeTileReader(TileReader):
     """A :class:`TileReader` that leaves tiles at their DeepZoom size (resizing is the device's)."""
 
     def read_native(self, dz_tile_size: int, dz_level: int, col: int, row: int) -> Image.Image:
-        tile = self._generator(int(dz_tile_size)).get_tile(int(dz_level), (int(col), int(row)))
+        with pixel_errors(self.slide_id, self.path):  # one-line SlideError naming slide and path
+            tile = self._generator(int(dz_tile_size)).get_tile(int(dz_level), (int(col), int(row)))
         return tile if tile.mode == "RGB" else tile.convert("RGB")
 
 
@@ -81,8 +83,9 @@ class TileDataset(Dataset):
     """
 
     def __init__(self, slide_path: str | os.PathLike, tiles: pd.DataFrame, tile_size: int,
-                 overlap: int = 0, limit_bounds: bool = True, threads: int = 1):
-        self.reader = _NativeTileReader(slide_path, int(tile_size), int(overlap), bool(limit_bounds))
+                 overlap: int = 0, limit_bounds: bool = True, threads: int = 1, slide_id: str | None = None):
+        self.reader = _NativeTileReader(slide_path, int(tile_size), int(overlap), bool(limit_bounds),
+                                        slide_id=slide_id)
         self._address = tiles[["dz_tile_size", "dz_level", "col", "row"]].to_numpy(np.int64)
         self.sizes = self._address[:, 0] + 2 * int(overlap)  # native side of every tile
         self.threads = int(threads)  # decoding threads per batch (OpenSlide releases the GIL)
@@ -115,7 +118,8 @@ class TileDataset(Dataset):
         out = np.empty((len(indices), side, side, 3), np.uint8)
         if self.threads > 1 and len(indices) > 1:
             if self._pool is None:
-                self.reader._generator(int(self._address[indices[0], 0]))  # open the handle once
+                with pixel_errors(self.reader.slide_id, self.reader.path):  # open the handle once
+                    self.reader._generator(int(self._address[indices[0], 0]))
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tile-decode")
             list(self._pool.map(lambda ki: self._read_into(out[ki[0]], ki[1]), enumerate(indices)))
         else:
@@ -419,7 +423,7 @@ def extract_slide(
 
     # Without workers, the main process decodes each batch with all its CPUs (between batches).
     dataset = TileDataset(slide_path, kept, tile_size, overlap, limit_bounds,
-                          threads=1 if workers else cpus)
+                          threads=1 if workers else cpus, slide_id=slide_id)
     progress = _Progress(slide_id, total)
     with StoreWriter(out_path, attrs, n_tiles, bb.feature_dim, feature_dtype, CHUNK_ROWS) as writer:
         for m in mags:
@@ -433,16 +437,20 @@ def extract_slide(
         if total:
             loader = DataLoader(dataset, batch_sampler=tile_batches(dataset.sizes, batch),
                                 collate_fn=_batch, **loader_options(dev, workers))
-            sink = _ChunkedSink(writer, n_tiles)
+            sink = _ChunkedSink(writer, n_tiles, slide_id=slide_id, path=slide_path,
+                                what=f"backbone {backbone} ({bb.weights})", dtype=feature_dtype)
             pending = None
-            for tiles_batch in loader:
-                # Queue this batch before collecting the previous one's features: on CUDA the
-                # device then always has work while the host waits for a copy.
-                submitted = embed.submit(tiles_batch)
-                if pending is not None:
-                    sink.add(pending.result())
-                    progress.update(sink.done)
-                pending = submitted
+            try:
+                for tiles_batch in loader:
+                    # Queue this batch before collecting the previous one's features: on CUDA the
+                    # device then always has work while the host waits for a copy.
+                    submitted = embed.submit(tiles_batch)
+                    if pending is not None:
+                        sink.add(pending.result())
+                        progress.update(sink.done)
+                    pending = submitted
+            except RuntimeError as err:  # a worker's SlideError arrives as a RuntimeError with its text
+                raise _worker_slide_error(err, slide_id, slide_path) or err
             sink.add(pending.result())
             progress.update(sink.done)
             sink.finish()
@@ -463,8 +471,10 @@ class _ChunkedSink:
     """Route feature rows (arriving in dataset order: magnification groups one after the other) to
     their group and write them in whole Zarr chunks, so no chunk is rewritten batch by batch."""
 
-    def __init__(self, writer: StoreWriter, n_tiles: Mapping[float, int]):
+    def __init__(self, writer: StoreWriter, n_tiles: Mapping[float, int], *, slide_id: str = "?",
+                 path: str | os.PathLike = "", what: str = "backbone", dtype: str = "float32"):
         self.writer = writer
+        self.slide_id, self.path, self.what, self.dtype = slide_id, path, what, dtype
         self.groups = [(m, n) for m, n in n_tiles.items() if n]
         self.done = 0
         self._g = 0                        # index into self.groups of the group being filled
@@ -476,6 +486,7 @@ class _ChunkedSink:
         while len(feats):
             mag, n = self.groups[self._g]
             take = min(len(feats), n - self._start - self._n_pending)
+            self._check_finite(mag, feats[:take])
             self._pending.append(feats[:take])
             self._n_pending += take
             self.done += take
@@ -485,6 +496,18 @@ class _ChunkedSink:
                 self._g, self._start = self._g + 1, 0
             elif self._n_pending >= CHUNK_ROWS:
                 self._flush(all_rows=False)
+
+    def _check_finite(self, mag: float, feats: np.ndarray) -> None:
+        """NaN / Inf features (also float16 overflow, > 65504) fail the slide, naming the magnification."""
+        stored = feats.astype(self.dtype, copy=False)
+        bad = ~np.isfinite(stored).all(axis=1)
+        if bad.any():
+            raise SlideError(
+                self.slide_id, self.path,
+                f"{self.what} gave non-finite (NaN/Inf) features at {mag:g}x for {int(bad.sum())} of "
+                f"{len(feats)} tiles in a batch (stored as {self.dtype})",
+                "check features.weights (a damaged or mismatched checkpoint), or use feature_dtype "
+                "float32 if the values overflow float16")
 
     def _flush(self, all_rows: bool) -> None:
         block = np.concatenate(self._pending) if self._pending else np.empty((0, 0), np.float32)
@@ -499,6 +522,20 @@ class _ChunkedSink:
         expected = sum(n for _, n in self.groups)
         if self.done != expected or self._n_pending:
             raise RuntimeError(f"extracted {self.done} feature rows, expected {expected}")
+
+
+def _worker_slide_error(err: RuntimeError, slide_id: str, path) -> SlideError | None:
+    """The SlideError a DataLoader worker raised (torch re-raises it in the parent as a RuntimeError
+    holding the worker's traceback text: its last line is the error's one line), else None."""
+    marker = "SlideError: "
+    text = str(err)
+    if marker not in text:
+        return None
+    line = text.rsplit(marker, 1)[1].strip().splitlines()[0]
+    prefix = f"slide {slide_id!r} ({path}): "
+    body = line[len(prefix):] if line.startswith(prefix) else line
+    problem, _, fix = body.rpartition("; ")
+    return SlideError(slide_id, path, problem or body, fix)
 
 
 def _jsonable(d: Mapping) -> dict:

@@ -15,9 +15,10 @@ import pandas as pd
 
 
 def oof_fold(splits: pd.DataFrame, slide_id: str) -> int | None:
-    """The fold whose model did not train on ``slide_id`` (it is that fold's test slide)."""
+    """The fold whose model did not train on ``slide_id`` (it is that fold's test slide); None for a
+    slide no fold tested or every fold tested (a fixed held-out test set): the fold ensemble's."""
     rows = splits[(splits["slide_id"] == slide_id) & (splits["split"] == "test")]
-    return int(rows["fold"].iloc[0]) if len(rows) else None
+    return int(rows["fold"].iloc[0]) if len(rows) == 1 else None
 
 
 def normalise(scores: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
@@ -151,7 +152,7 @@ def case_weights(output, slide_id: str | None = None) -> list[tuple[str, float, 
 
 
 def render_panels(thumbnail, maps: dict, *, alpha: float = 0.5, cmap: str = "jet", title: str = "",
-                  bars: list[tuple[str, float, bool]] | None = None):
+                  bars: list[tuple[str, float, bool]] | None = None, colorbar_label: str = "attention"):
     """Thumbnail, one attention overlay per entry of ``maps`` (panel title -> (H, W) map in [0, 1]),
     and optionally a bar plot of ``(label, weight, highlight)`` (e.g. stain and slice weights)."""
     import matplotlib
@@ -176,7 +177,7 @@ def render_panels(thumbnail, maps: dict, *, alpha: float = 0.5, cmap: str = "jet
     for ax in axes[: 1 + len(maps)]:
         ax.set_axis_off()
     if im is not None:
-        fig.colorbar(im, ax=list(axes[1: 1 + len(maps)]), fraction=0.046, pad=0.02, label="attention")
+        fig.colorbar(im, ax=list(axes[1: 1 + len(maps)]), fraction=0.046, pad=0.02, label=colorbar_label)
     if bars:
         ax = axes[-1]
         labels = [b[0] for b in bars][::-1]
@@ -316,6 +317,7 @@ def tiles_geojson(tiles: pd.DataFrame) -> dict:
     id and magnification.
     """
     meas = [c for c in ("attention", "attention_norm", "instance_score") if c in tiles]
+    meas += [c for c in tiles.columns if str(c).startswith("patch_prob_")]
     feats = []
     for r in tiles.itertuples(index=False):
         x0, y0, x1, y1 = int(r.x), int(r.y), int(r.x + r.w), int(r.y + r.h)

@@ -58,14 +58,18 @@ def slide_status(tiles: pd.DataFrame, magnification: float | None) -> tuple[int,
 
 
 def slide_table(samples: pd.DataFrame, tissue_tables: Mapping[str, str | os.PathLike],
-                magnification: float | None) -> pd.DataFrame:
-    """Status of every slide of ``samples`` from its tissue table (``tiles.parquet``)."""
+                magnification: float | None, excluded: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Status of every slide of ``samples`` from its tissue table (``tiles.parquet``); a slide in
+    ``excluded`` (``results/qc/excluded.tsv``) is excluded with that table's stage and reason."""
+    marked = {} if excluded is None else {str(r.slide_id): f"{r.stage}: {r.reason}"
+                                          for r in excluded.itertuples(index=False)}
     rows = []
     progress = _Progress("read tissue tables", len(samples))
     for i, row in enumerate(samples.itertuples(index=False), 1):
         sid = str(row.slide_id)
         tiles = pd.read_parquet(tissue_tables[sid], columns=["magnification", "keep"])
         n, kept, reason = slide_status(tiles, magnification)
+        reason = marked.get(sid, reason)
         rows.append(dict(slide_id=sid, patient_id=str(row.patient_id), label=str(row.label), tiles=n,
                          tissue_tiles=kept, status="excluded" if reason else "included", reason=reason))
         progress.update(i)

@@ -91,3 +91,57 @@ def check_sheet(df: pd.DataFrame, classes: list[str], sheet: str = "sample sheet
                         "labels are per patient")
     if problems:
         raise SampleSheetError(sheet, problems)
+
+
+# ------------------------------------------------------------------ predict sheet (new slides, no labels)
+
+PREDICT_REQUIRED = ["slide_id", "path"]
+
+
+def read_predict_sheet(path: str | os.PathLike) -> pd.DataFrame:
+    """The sheet of new slides to predict (config ``predict.samples``), indexed by slide_id.
+
+    Columns ``slide_id, path`` and optionally ``patient_id`` (default: the slide id, a patient of
+    one slide), ``stain`` and ``mpp``; a ``label`` column is not read (kept if present).
+    """
+    df = pd.read_csv(path, sep="\t", dtype={c: str for c in ("slide_id", "patient_id", "path", "stain", "label")},
+                     comment="#", skip_blank_lines=True)
+    df.columns = [c.strip() for c in df.columns]
+    missing = [c for c in PREDICT_REQUIRED if c not in df.columns]
+    if missing:
+        raise SampleSheetError(str(path), [f"missing column(s) {', '.join(missing)}; the header of a predict "
+                                           f"sheet must name {', '.join(PREDICT_REQUIRED)} (patient_id, stain, "
+                                           "mpp optional)"])
+    for c in df.columns:
+        if df[c].dtype == object:
+            df[c] = df[c].str.strip()
+    if "patient_id" not in df.columns:
+        df["patient_id"] = df["slide_id"]
+    df["patient_id"] = df["patient_id"].where(df["patient_id"].notna() & (df["patient_id"] != ""), df["slide_id"])
+    if "mpp" not in df.columns:
+        df["mpp"] = float("nan")
+    return df.set_index("slide_id", drop=False)
+
+
+def check_predict_sheet(df: pd.DataFrame, sheet: str = "predict sheet", *, schema: str | os.PathLike | None = None,
+                        training: pd.DataFrame | None = None) -> None:
+    """Raise SampleSheetError listing every problem of a predict sheet at once (rows from 1).
+
+    Rows are checked against ``schema`` (workflow/schemas/predict_samples.schema.yaml); slide ids and
+    paths must be unique; a slide id also in the ``training`` sheet must name the same file (its
+    tiles, tissue and features are shared outputs).
+    """
+    problems = schema_problems(df, schema) if schema else []
+    for sid in df["slide_id"][df["slide_id"].duplicated()].unique():
+        problems.append(f"slide_id {sid!r} appears more than once; slide ids must be unique")
+    for path in df["path"][df["path"].duplicated()].unique():
+        ids = ", ".join(df.loc[df["path"] == path, "slide_id"])
+        problems.append(f"path {path} is listed for several slides ({ids}); list each file once")
+    if training is not None:
+        known = dict(zip(training["slide_id"], training["path"]))
+        for i, r in enumerate(df.itertuples(index=False)):
+            if r.slide_id in known and os.path.normpath(str(known[r.slide_id])) != os.path.normpath(str(r.path)):
+                problems.append(f"row {i + 1} (slide {r.slide_id!r}): the training sample sheet lists this slide id "
+                                f"with another file ({known[r.slide_id]}); give the new slide another slide_id")
+    if problems:
+        raise SampleSheetError(sheet, problems)

@@ -10,9 +10,10 @@ import contextlib
 import logging
 import math
 import os
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import openslide
 
@@ -41,6 +42,11 @@ def open_slide(path: str | os.PathLike, slide_id: str) -> openslide.AbstractSlid
         raise SlideError(slide_id, path, "file not found", "fix the 'path' column of the sample sheet")
     if path.stat().st_size == 0:
         raise SlideError(slide_id, path, "file is empty (0 bytes)", "re-copy the slide from its source")
+    # A cut-off copy of a TIFF-based slide may still open (OpenSlide reads the header, or PIL reads
+    # its first image) and fail only later, or be misread: say what is wrong before anything else.
+    if truncated := tiff_truncation(path):
+        raise SlideError(slide_id, path, f"file is truncated ({truncated})",
+                         "re-copy the slide from its source (the copy is incomplete)")
     try:
         return openslide.open_slide(str(path))
     except (openslide.OpenSlideError, OSError, ValueError) as err:
@@ -49,6 +55,81 @@ def open_slide(path: str | os.PathLike, slide_id: str) -> openslide.AbstractSlid
             slide_id, path, f"cannot be opened ({msg})",
             "check that the file is a complete whole-slide image in a format OpenSlide reads",
         ) from None
+
+
+_TIFF_ARRAYS = {273: 279, 324: 325}  # StripOffsets -> StripByteCounts, TileOffsets -> TileByteCounts
+_TIFF_INTS = {3: "H", 4: "I", 16: "Q"}  # SHORT, LONG, LONG8
+
+
+class _Truncated(Exception):
+    pass
+
+
+def tiff_truncation(path: str | os.PathLike) -> str | None:
+    """Where a TIFF-based file (SVS, generic tiled TIFF, BigTIFF, ...) ends before its own structure
+    does, e.g. ``"301370 bytes, but IFD 3 starts at byte 316548"``; None when the structure fits
+    in the file, or when the file is no TIFF (or one this check cannot judge: classic TIFFs over
+    4 GiB, such as large NDPI files, keep offsets outside the TIFF fields)."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+            if head[:2] not in (b"II", b"MM") or len(head) < 8:
+                return None
+            e = "<" if head[:2] == b"II" else ">"
+            magic = struct.unpack(e + "H", head[2:4])[0]
+            if magic == 42 and size <= 2**32:
+                big, ifd = False, struct.unpack(e + "I", head[4:8])[0]
+            elif magic == 43 and len(head) == 16:
+                big, ifd = True, struct.unpack(e + "Q", head[8:16])[0]
+            else:
+                return None
+            seen: set[int] = set()
+            while ifd and ifd not in seen and len(seen) < 100_000:
+                seen.add(ifd)
+                ifd = _check_ifd(fh, e, big, ifd, size, f"IFD {len(seen)}")
+    except _Truncated as err:
+        return str(err)
+    except (OSError, struct.error, KeyError):
+        return None  # malformed in some other way: OpenSlide says what
+    return None
+
+
+def _check_ifd(fh, e: str, big: bool, ifd: int, size: int, where: str) -> int:
+    """Check that one IFD and its strips / tiles lie inside the file; return the next IFD's offset."""
+    count_fmt, entry, ptr, inline = (e + "Q", 20, e + "Q", 8) if big else (e + "H", 12, e + "I", 4)
+    if ifd + struct.calcsize(count_fmt) > size:
+        raise _Truncated(f"{size} bytes, but {where} starts at byte {ifd}")
+    fh.seek(ifd)
+    n = struct.unpack(count_fmt, fh.read(struct.calcsize(count_fmt)))[0]
+    end = ifd + struct.calcsize(count_fmt) + n * entry + struct.calcsize(ptr)
+    if end > size:
+        raise _Truncated(f"{size} bytes, but {where} ends at byte {end}")
+    raw = fh.read(n * entry + struct.calcsize(ptr))
+    fields = {}
+    for k in range(n):
+        item = raw[k * entry:(k + 1) * entry]
+        tag, typ, count = struct.unpack(e + "HH" + ("Q" if big else "I"), item[:entry - inline])
+        fields[tag] = (typ, count, item[entry - inline:])
+
+    def values(tag: int) -> tuple[int, ...]:
+        typ, count, value = fields[tag]
+        fmt = e + _TIFF_INTS[typ] * count
+        nbytes = struct.calcsize(fmt)
+        if nbytes <= inline:
+            return struct.unpack(fmt, value[:nbytes])
+        at = struct.unpack(ptr, value)[0]
+        if at + nbytes > size:
+            raise _Truncated(f"{size} bytes, but the data offsets of {where} end at byte {at + nbytes}")
+        fh.seek(at)
+        return struct.unpack(fmt, fh.read(nbytes))
+
+    for offsets, counts in _TIFF_ARRAYS.items():
+        if {offsets, counts} <= set(fields) and {fields[offsets][0], fields[counts][0]} <= set(_TIFF_INTS):
+            data_end = max((o + c for o, c in zip(values(offsets), values(counts))), default=0)
+            if data_end > size:
+                raise _Truncated(f"{size} bytes, but the image data of {where} end at byte {data_end}")
+    return struct.unpack(ptr, raw[n * entry:])[0]
 
 
 @dataclass(frozen=True)
@@ -196,10 +277,29 @@ def pixel_errors(slide_id: str, path: str | os.PathLike, plain_image: bool = Fal
 
 
 @contextlib.contextmanager
-def one_line_errors(log: logging.Logger) -> Iterator[None]:
-    """For rule scripts: log a SlideError as its one line and exit 1 (no traceback in the log)."""
+def one_line_errors(log: logging.Logger, on_bad_slide: str = "fail", stage: str = "",
+                    exclude: Callable[[dict], None] | None = None,
+                    also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """For rule scripts: log a SlideError (or an exception of a type in ``also``) as its one line
+    and exit 1 (no traceback in the log).
+
+    With ``on_bad_slide="skip"`` and ``exclude``, a SlideError instead excludes the slide (config
+    ``on_bad_slide``, :mod:`slidesnake.exclusion`): it is logged as a warning, ``exclude(record)``
+    writes the stage's outputs marked with ``record = {"stage": stage, "reason", "fix"}``, and the
+    script goes on after the ``with`` block.
+    """
     try:
         yield
     except SlideError as err:
+        if on_bad_slide == "skip" and exclude is not None:
+            from slidesnake.exclusion import from_error, log_excluded
+
+            rec = from_error(stage, err)
+            log_excluded(log, err.slide_id, err.path, rec)
+            exclude(rec)
+            return
         log.error("%s", err)
+        raise SystemExit(1) from None
+    except also as err:
+        log.error("%s", " ".join(str(err).split()))
         raise SystemExit(1) from None

@@ -1,9 +1,18 @@
 """Patient-level stratified cross-validation folds.
 
-``k`` folds from scikit-learn's ``StratifiedGroupKFold`` (groups = patients, y = label). Fold ``i``
-uses group ``i`` as ``test``, group ``(i + 1) % k`` as ``val`` (early stopping) and the rest as
-``train``, so every slide is tested exactly once and no patient crosses partitions within a fold.
-Output (long format, see docs/design.md): ``fold, slide_id, patient_id, label, split``.
+Two schemes, both from scikit-learn's ``StratifiedGroupKFold`` (groups = patients, y = label):
+
+* cross-validation (``test_fraction`` 0, the default): ``k`` groups; fold ``i`` uses group ``i`` as
+  ``test``, group ``(i + 1) % k`` as ``val`` (early stopping) and the rest as ``train``, so every slide
+  is tested exactly once (out-of-fold predictions); 60/20/20 for k = 5.
+* fixed held-out test set (``test_fraction`` f > 0): first a patient-level stratified test set of
+  about f of the patients (one group of ``round(1 / f)``), the same ``test`` in every fold and never
+  trained or early-stopped on; the other patients form ``k`` groups, fold ``i`` validating on group
+  ``i`` and training on the rest (60/20/20 for f = 0.2, k = 4). Every fold model is evaluated on the
+  same test set, and the fold ensemble (mean probability) gives the cohort prediction.
+
+No patient crosses partitions within a fold. Output (long format, see docs/design.md):
+``fold, slide_id, patient_id, label, split``.
 """
 
 from __future__ import annotations
@@ -52,19 +61,37 @@ def validate_labels(samples: pd.DataFrame, classes: Sequence) -> None:
         )
 
 
+def _groups(df: pd.DataFrame, n: int, seed: int) -> np.ndarray:
+    """Group index (0..n-1) of every row: ``StratifiedGroupKFold`` test groups, patients kept whole."""
+    sgkf = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=int(seed))
+    group = np.full(len(df), -1, dtype=int)
+    for i, (_, idx) in enumerate(sgkf.split(np.zeros(len(df)), df["label"], df["patient_id"])):
+        group[idx] = i
+    assert (group >= 0).all()
+    return group
+
+
 def make_splits(
-    samples: pd.DataFrame, k: int = 5, seed: int = 0, classes: Sequence | None = None
+    samples: pd.DataFrame, k: int = 5, seed: int = 0, classes: Sequence | None = None,
+    test_fraction: float = 0.0,
 ) -> pd.DataFrame:
     """Assign every slide to train/val/test in each of ``k`` patient-level stratified folds.
 
     ``samples`` needs columns ``slide_id, patient_id, label`` (others are ignored). The result does
     not depend on the row order of ``samples``: rows are sorted by patient and slide first.
     ``classes`` (optional) restricts the allowed labels and requires each to be present.
+    ``test_fraction`` > 0 holds out a fixed test set of about that fraction of the patients (see the
+    module docstring); it must be below 0.5.
     """
     _require_columns(samples, SAMPLE_COLUMNS, "sample sheet")
     k = int(k)
-    if k < 3:
-        raise SplitError(f"splits.k must be >= 3 (test, val and train groups); got {k}")
+    test_fraction = float(test_fraction or 0.0)
+    if not 0 <= test_fraction < 0.5:
+        raise SplitError(f"splits.test_fraction must be in [0, 0.5); got {test_fraction}")
+    held_out = round(1 / test_fraction) if test_fraction > 0 else 0
+    if k < (2 if held_out else 3):
+        raise SplitError(f"splits.k must be >= 3 (test, val and train groups), or >= 2 with a "
+                         f"test_fraction (val and train groups); got {k}")
     df = samples.loc[:, list(SAMPLE_COLUMNS)].reset_index(drop=True)
     empty = (df.isna() | (df.astype(str).apply(lambda c: c.str.strip()) == "")).any(axis=1)
     if empty.any():
@@ -86,25 +113,31 @@ def make_splits(
     if classes is not None:
         patients_per_class = patients_per_class.reindex([str(c) for c in classes], fill_value=0)
     counts = ", ".join(f"{c}: {n}" for c, n in patients_per_class.items())
-    small = patients_per_class[patients_per_class < k]
+    # every class needs a patient in the test set and in each of the k validation groups
+    needed = k + 1 if held_out else k
+    small = patients_per_class[patients_per_class < needed]
     if len(small):
+        what = f"a held-out test set and {k} folds" if held_out else f"{k} patient-level folds"
         raise SplitError(
-            f"cannot make {k} patient-level folds: class(es) {list(small.index)} have fewer than "
-            f"k={k} patients (patients per class: {counts}); lower `splits.k` to at most "
-            f"{int(patients_per_class.min())} or add patients"
+            f"cannot make {what}: class(es) {list(small.index)} have fewer than {needed} patients "
+            f"(patients per class: {counts}); lower `splits.k`"
+            f"{' or set splits.test_fraction: 0' if held_out else ''} or add patients"
         )
 
     df = df.sort_values(["patient_id", "slide_id"], kind="mergesort").reset_index(drop=True)
-    sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=int(seed))
-    group = np.full(len(df), -1, dtype=int)
-    for i, (_, test_idx) in enumerate(sgkf.split(np.zeros(len(df)), df["label"], df["patient_id"])):
-        group[test_idx] = i
-    assert (group >= 0).all()
-
     parts = []
-    for fold in range(k):
-        split = np.where(group == fold, "test", np.where(group == (fold + 1) % k, "val", "train"))
-        parts.append(df.assign(fold=fold, split=split))
+    if held_out:
+        test = _groups(df, held_out, seed) == 0
+        rest = df[~test].reset_index(drop=True)
+        group = _groups(rest, k, seed)
+        for fold in range(k):
+            parts.append(df[test].assign(fold=fold, split="test"))
+            parts.append(rest.assign(fold=fold, split=np.where(group == fold, "val", "train")))
+    else:
+        group = _groups(df, k, seed)
+        for fold in range(k):
+            split = np.where(group == fold, "test", np.where(group == (fold + 1) % k, "val", "train"))
+            parts.append(df.assign(fold=fold, split=split))
     out = pd.concat(parts, ignore_index=True).loc[:, list(SPLIT_COLUMNS)]
     out = out.sort_values(["fold", "slide_id"], kind="mergesort").reset_index(drop=True)
     check_splits(out)
@@ -123,7 +156,9 @@ def check_splits(df: pd.DataFrame, complete: bool = True) -> None:
     Always: required columns, known split names, a slide at most once per fold, no patient in two
     partitions of a fold, non-empty train and val in every fold, a slide's label the same in all
     folds. With ``complete`` (the whole table, not one fold's rows): folds ``0..k-1`` all present
-    with the same slides, a non-empty test in every fold and every slide tested exactly once.
+    with the same slides, a non-empty test in every fold, and either every slide tested exactly once
+    (cross-validation) or one fixed test set, the same in every fold, whose slides are never
+    trained or validated on (:func:`fixed_test_set`).
     """
     _require_columns(df, SPLIT_COLUMNS, "splits table")
     if df.empty:
@@ -160,8 +195,26 @@ def check_splits(df: pd.DataFrame, complete: bool = True) -> None:
             raise SplitError(f"fold {fold} does not list every slide")
         if not (g["split"] == "test").any():
             raise SplitError(f"fold {fold}: empty test split")
+    held_out = fixed_test_set(df)
+    if held_out is not None:
+        val = df.loc[df["split"] == "val", "slide_id"].value_counts()
+        rest = slides - held_out
+        if set(val.index) != rest or (val != 1).any():
+            raise SplitError("with a fixed test set every other slide must be validated exactly once; "
+                             f"never: {sorted(rest - set(val.index))[:10]}, more than once: "
+                             f"{val.index[val > 1].tolist()[:10]}")
+        return
     tested = df.loc[df["split"] == "test", "slide_id"].value_counts()
     if len(tested) != len(slides) or (tested != 1).any():
         never = sorted(slides - set(tested.index))[:10]
         twice = tested.index[tested > 1].tolist()[:10]
         raise SplitError(f"every slide must be tested exactly once; never: {never}, more than once: {twice}")
+
+
+def fixed_test_set(df: pd.DataFrame) -> set[str] | None:
+    """The held-out test slides when every fold of ``df`` tests the same slides (``test_fraction``
+    scheme, k >= 2), else None (cross-validation: each fold tests its own group)."""
+    tests = [frozenset(g.loc[g["split"] == "test", "slide_id"]) for _, g in df.groupby("fold")]
+    if len(tests) < 2 or not tests[0] or any(t != tests[0] for t in tests):
+        return None
+    return set(tests[0])

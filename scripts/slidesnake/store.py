@@ -82,6 +82,16 @@ def write_store(
         _write_parents(root, groups)
 
 
+def write_excluded_store(path: str | os.PathLike, slide_id: str, excluded: Mapping,
+                         attrs: Mapping | None = None) -> None:
+    """A store marking its slide as excluded (config ``on_bad_slide: skip``): attributes ``slide_id``,
+    ``excluded`` (``{"stage", "reason", "fix"}``) and ``magnifications: []``; no groups, no tiles."""
+    with atomic_path(path) as tmp:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        root.attrs.update({**dict(attrs or {}), "slide_id": slide_id, "excluded": dict(excluded),
+                           "schema_version": SCHEMA_VERSION, "magnifications": []})
+
+
 class StoreWriter:
     """Write a store incrementally (rows of features arrive batch by batch), then rename into place.
 
@@ -155,6 +165,11 @@ class FeatureStore:
     @property
     def magnifications(self) -> list[float]:
         return [float(m) for m in self.root.attrs["magnifications"]]
+
+    @property
+    def excluded(self) -> dict | None:
+        """``{"stage", "reason", "fix"}`` when the slide was excluded (``on_bad_slide: skip``), else None."""
+        return self.root.attrs.get("excluded") or None
 
     def _get(self, mag: float | None, name: str) -> np.ndarray:
         if mag is None:

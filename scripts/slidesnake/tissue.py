@@ -167,6 +167,16 @@ class Overview:
     sy: float
 
 
+def thumbnail(slide: openslide.AbstractSlide, max_size: int, *, slide_id: str = "?",
+              path: str = "") -> Image.Image:
+    """The whole slide as an RGB image whose longer side is ``max_size`` pixels, read block by block
+    (:func:`read_overview`): unlike ``slide.get_thumbnail``, which reads the whole best level at once,
+    memory stays bounded on slides without a pyramid."""
+    w, h = slide.dimensions
+    return Image.fromarray(read_overview(slide, max(w, h) / max(1, int(max_size)), slide_id=slide_id,
+                                         path=path).rgb)
+
+
 def read_overview(slide: openslide.AbstractSlide, downsample: float, *, block: int = 2048,
                   slide_id: str = "?", path: str = "") -> Overview:
     """The slide at ``downsample`` (level-0 pixels per pixel), read in blocks of at most
@@ -395,7 +405,7 @@ def qc_thumbnail(thumb: Image.Image | openslide.AbstractSlide, tiles: pd.DataFra
     """
     if not isinstance(thumb, Image.Image):
         slide_dimensions = thumb.dimensions
-        thumb = thumb.get_thumbnail((max_size, max_size))
+        thumb = thumbnail(thumb, max_size)
     thumb = thumb.convert("RGB")
     if max(thumb.size) > max_size:
         thumb.thumbnail((max_size, max_size), Image.LANCZOS)

@@ -26,8 +26,9 @@ import pandas as pd
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from slidesnake.bags import (case_rows, check_bag_type, empty_reason, feature_arrays, feature_dims,
-                             load_structured_bags, map_features, stores_by_slide, to_device)
+from slidesnake.bags import (ExcludedBag, NonFiniteLossError, case_rows, check_bag_type, check_finite,
+                             empty_reason, excluded_reason, feature_arrays, feature_dims, load_structured_bags,
+                             map_features, stores_by_slide, to_device)
 from slidesnake.evaluate import auc_score
 from slidesnake.io import atomic_path
 from slidesnake.models import MILModel, MILOutput, create_model, get_model_class
@@ -72,7 +73,9 @@ def load_bags(stores: Sequence[str | os.PathLike], magnification: float | None,
     slide_id -> :class:`~slidesnake.bags.MultiscaleBag` at ``magnifications``. ``hierarchical``:
     patient_id -> :class:`~slidesnake.bags.CaseBag` of the patient's slides (``samples``: the sample
     sheet, for patient and stain) at ``magnification``. With ``slide_ids`` only those slides are
-    read, and each must have a store.
+    read, and each must have a store. A store marked excluded (config ``on_bad_slide: skip``)
+    gives an :class:`~slidesnake.bags.ExcludedBag` (logged; training skips it with the reason);
+    NaN / Inf features raise :class:`~slidesnake.bags.NonFiniteError` naming the slide.
     """
     from slidesnake.store import open_store
 
@@ -90,17 +93,23 @@ def load_bags(stores: Sequence[str | os.PathLike], magnification: float | None,
     step, t0, tiles = max(1, math.ceil(len(wanted) / 10)), time.perf_counter(), 0
     for i, sid in enumerate(wanted, 1):
         store = open_store(by_id[sid])
+        if reason := excluded_reason(store):
+            log.warning("slide %s %s; left out of training", sid, reason)
+            bags[sid] = ExcludedBag(reason)
+            continue
         mags = store.magnifications
         mag = magnification
         if mag is not None and not any(math.isclose(float(mag), m) for m in mags):
             raise ValueError(f"{by_id[sid]}: no features at {float(mag):g}x; store has {mags}")
         bags[sid] = store.features(mag)
+        check_finite(bags[sid], sid, by_id[sid], mag)
         tiles += len(bags[sid])
         if len(wanted) >= 100 and (i % step == 0 or i == len(wanted)):
             dt = time.perf_counter() - t0
             log.info("read %d/%d bags (%3.0f%%), %d tiles, %.1f bags/s", i, len(wanted),
                      100 * i / len(wanted), tiles, i / dt if dt > 0 else float("nan"))
-    log.info("read %d bags (%s tiles in all)", len(bags), sum(len(b) for b in bags.values()))
+    log.info("read %d bags (%s tiles in all)", len(bags),
+             sum(len(b) for b in bags.values() if not isinstance(b, ExcludedBag)))
     return bags
 
 
@@ -248,8 +257,9 @@ def train_fold(
     skipped = [s for s in df["slide_id"] if reasons[s]]
     for s in skipped:
         split = df.loc[df["slide_id"] == s, "split"].iloc[0]
-        log.warning("fold %d: %s %s has an %s; skipped (%s split, no prediction)", fold, unit, s,
-                    reasons[s] if reasons[s].startswith("empty") else f"unusable bag ({reasons[s]})", split)
+        why = reasons[s] if reasons[s].startswith(("empty", "excluded")) else f"unusable bag ({reasons[s]})"
+        log.warning("fold %d: %s %s %s; skipped (%s split, no prediction)", fold, unit, s,
+                    why if why.startswith("excluded") else f"has an {why}", split)
     df = df[~df["slide_id"].isin(skipped)].reset_index(drop=True)
     dims = set().union(*(feature_dims(bags[s]) for s in df["slide_id"]))
     if len(dims) != 1:
@@ -299,17 +309,28 @@ def train_fold(
             t0 = time.perf_counter()
             cur_lr = opt.param_groups[0]["lr"]
             model.train()
-            total = 0.0
+            sums: dict[str, float] = {}  # every named loss term, summed over the epoch's bags
             for i in rng.permutation(len(x["train"])):
                 out = model(x["train"][i])
                 label = torch.tensor(int(y["train"][i]), device=dev)
-                loss = model.loss(out, label, weights_t)["total"]
+                terms = model.loss(out, label, weights_t)
+                loss = terms["total"]
+                if not math.isfinite(float(loss.detach())):  # one bag per step: it names the culprit
+                    raise NonFiniteLossError(
+                        f"fold {fold}, epoch {epoch}: non-finite training loss ({float(loss.detach())}) on "
+                        f"{unit} {parts['train']['slide_id'].iloc[i]!r}; lower training.lr, or check that "
+                        f"{unit}'s features")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss.detach())
-            train_loss = total / len(x["train"])
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+            train_loss = sums["total"] / len(x["train"])
+            term_means = {f"train_{n}": v / len(x["train"]) for n, v in sums.items() if n != "total"}
             probs, val_loss = _predict(model, x["val"], y["val"], weights_t)
+            if x["val"] and not math.isfinite(val_loss):
+                raise NonFiniteLossError(f"fold {fold}, epoch {epoch}: non-finite validation loss ({val_loss}) "
+                                     f"over {len(x['val'])} val {unit}(s); lower training.lr")
             if x["val"]:
                 val_auc = auc_score(y["val"], probs)
                 val_bacc = float(balanced_accuracy_score(y["val"], probs.argmax(1)))
@@ -325,7 +346,7 @@ def train_fold(
                 since_best += 1
             secs = time.perf_counter() - t0
             rows.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, val_auc=val_auc,
-                             val_bacc=val_bacc, lr=cur_lr, seconds=secs))
+                             val_bacc=val_bacc, lr=cur_lr, seconds=secs, **term_means))
             log.info("fold %d epoch %3d/%d: train_loss %.4f val_loss %.4f val_auc %.4f val_bacc %.4f "
                      "lr %.2e %.1fs%s", fold, epoch, epochs, train_loss, val_loss, val_auc, val_bacc,
                      cur_lr, secs, " *" if improved else "")

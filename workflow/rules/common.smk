@@ -6,7 +6,9 @@ from snakemake.utils import validate
 
 # The package lives beside the rule scripts; importable without installation.
 sys.path.insert(0, os.path.join(workflow.basedir, "..", "scripts"))
-from slidesnake.samples import SampleSheetError, check_sheet, missing_files, read_sheet
+from slidesnake.predict import file_sha256, fold_checkpoints
+from slidesnake.samples import (SampleSheetError, check_predict_sheet, check_sheet, missing_files,
+                                read_predict_sheet, read_sheet)
 from slidesnake.tiling import mag_label, parse_targets
 
 
@@ -29,6 +31,9 @@ check_sheet(samples, config["classes"], sheet=config["samples"], check_paths=Fal
             schema=os.path.join(workflow.basedir, "schemas", "samples.schema.yaml"))
 validate(samples, schema="../schemas/samples.schema.yaml")
 MISSING = missing_files(samples)
+if MISSING and config["on_bad_slide"] == "skip":
+    print(f"on_bad_slide: skip -- {len(MISSING)} slide file(s) not found; they are excluded "
+          f"({config['outdir']}/qc/excluded.tsv):\n  " + "\n  ".join(MISSING.values()), file=sys.stderr)
 
 OUT = config["outdir"]
 SLIDES = list(samples["slide_id"])
@@ -57,10 +62,34 @@ _PATIENT_SLIDES = {}
 for _s, _p in _PATIENT.items():
     _PATIENT_SLIDES.setdefault(_p, []).append(_s)
 
+# New slides to predict (config predict.samples, target `predict`, rules/predict.smk): a sheet without
+# labels, validated against its own schema. The same per-slide rules (tile, filter_tissue,
+# extract_features) make their outputs, so the lookups above learn their paths and MPPs; a slide id
+# in both sheets must name the same file. `all` never asks for them.
+PREDICT_SHEET = config["predict"]["samples"]
+PREDICT_SLIDES, PREDICT_MISSING, _PREDICT_PATIENT = [], {}, {}
+if PREDICT_SHEET:
+    if not os.path.isfile(PREDICT_SHEET):
+        raise SampleSheetError(PREDICT_SHEET, ["file not found; fix config predict.samples (relative paths "
+                                               "are relative to the working directory) or set it to null"])
+    predict_samples = read_predict_sheet(PREDICT_SHEET)
+    check_predict_sheet(predict_samples, PREDICT_SHEET, training=samples,
+                        schema=os.path.join(workflow.basedir, "schemas", "predict_samples.schema.yaml"))
+    PREDICT_SLIDES = list(predict_samples["slide_id"])
+    PREDICT_MISSING = missing_files(predict_samples)
+    _PREDICT_PATIENT = dict(zip(predict_samples["slide_id"], predict_samples["patient_id"]))
+    for _s, _path, _m in zip(predict_samples["slide_id"], predict_samples["path"], predict_samples["mpp"]):
+        _PATH.setdefault(_s, _path)
+        _MPP.setdefault(_s, None if pd.isna(_m) else float(_m))
+
 
 def slide_path(wildcards):
     if wildcards.slide in MISSING:
+        if config["on_bad_slide"] == "skip":
+            return []  # no input: rule tile excludes the slide ("file not found"), later rules pass it on
         raise SampleSheetError(config["samples"], list(MISSING.values()))
+    if wildcards.slide in PREDICT_MISSING:
+        raise SampleSheetError(PREDICT_SHEET, list(PREDICT_MISSING.values()))
     return _PATH[wildcards.slide]
 
 
@@ -81,6 +110,8 @@ def patient_stores(wildcards):
 def slide_labels(wildcards):
     """Columns of a slide's entry in the report galleries."""
     s = wildcards.slide
+    if s not in _LABEL:  # a new slide of the predict sheet
+        return {"slide": s, "patient": _PREDICT_PATIENT[s], "label": "none (predict)"}
     return {"slide": s, "patient": _PATIENT[s], "label": _LABEL[s]}
 
 
@@ -112,5 +143,54 @@ def get_final_output():
         *(expand(f"{OUT}/heatmaps/{MODEL}/{{slide}}.heatmap.svs", slide=SLIDES) if config["heatmap"]["pyramid"] else []),
         f"{OUT}/run_summary/slides.tsv",
         f"{OUT}/qc/slides.tsv",
+        f"{OUT}/qc/excluded.tsv",
         *exported_tiles(),
     ]
+
+
+# --------------------------------------------------------------------------- predict (rules/predict.smk)
+# The fold checkpoints are read through params, with their sha256, never inputs.
+PREDICT_DIR = f"{OUT}/predict/{config['predict']['name']}"
+PREDICT_MODELS_DIR = config["predict"]["models"] or f"{OUT}/models/{MODEL}"
+_PREDICT_PATIENT_SLIDES = {}
+for _s, _p in _PREDICT_PATIENT.items():
+    _PREDICT_PATIENT_SLIDES.setdefault(_p, []).append(_s)
+_SHA256 = {}
+
+
+def predict_sheet(wildcards=None):
+    """Input of the predict rules: the predict sheet; checks, while the DAG is built (before any job
+    runs), that the sheet is configured and the run's models exist."""
+    if not PREDICT_SHEET:
+        raise ValueError("target predict needs config predict.samples: a sheet (TSV) of the new slides with "
+                         "slide_id and path (see config/config.yaml, section predict)")
+    predict_models()
+    return PREDICT_SHEET
+
+
+def predict_models(wildcards=None):
+    """The run's fold_<k>/model.pt (one-line error naming a missing one: train first)."""
+    return fold_checkpoints(PREDICT_MODELS_DIR, FOLDS)
+
+
+def predict_model_sha256(wildcards=None):
+    """sha256 of every fold checkpoint, once per (path, size, mtime) and Snakemake invocation."""
+    out = []
+    for path in predict_models():
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns)
+        if key not in _SHA256:
+            _SHA256[key] = file_sha256(path)
+        out.append(_SHA256[key])
+    return out
+
+
+def predict_stores(wildcards=None):
+    predict_sheet()
+    return expand(f"{OUT}/features/{BACKBONE}/{{slide}}.zarr", slide=PREDICT_SLIDES)
+
+
+def predict_patient_stores(wildcards):
+    """Feature stores of every new slide of the slide's patient (case bags of hierarchical models)."""
+    ids = _PREDICT_PATIENT_SLIDES[_PREDICT_PATIENT[wildcards.slide]]
+    return [f"{OUT}/features/{BACKBONE}/{s}.zarr" for s in ids]

@@ -3,6 +3,8 @@ rule extract_features:
         slide=slide_path,
         tiles=rules.filter_tissue.output.tiles,
         meta=rules.tile.output.meta,
+        # the exclusion marker of filter_tissue (config on_bad_slide: skip)
+        qc=rules.filter_tissue.output.qc,
     output:
         store=directory(f"{OUT}/features/{BACKBONE}/{{slide}}.zarr"),
     params:
@@ -21,3 +23,25 @@ rule extract_features:
         "../../envs/features.yaml"
     script:
         "../../scripts/extract_features.py"
+
+
+# Every slide left out of training: excluded under on_bad_slide: skip (the stage and reason of the
+# marker in its feature store), or with no tile at the training magnification(s) (an empty bag).
+rule excluded_table:
+    input:
+        samples=config["samples"],
+        stores=feature_stores,
+    output:
+        table=f"{OUT}/qc/excluded.tsv",
+    params:
+        model=MODEL,
+        magnification=config["training"]["magnification"],
+        magnifications=TRAIN_MAGNIFICATIONS,
+    log:
+        "logs/excluded_table.log",
+    benchmark:
+        "benchmarks/excluded_table.tsv"
+    conda:
+        "../../envs/training.yaml"
+    script:
+        "../../scripts/excluded_table.py"

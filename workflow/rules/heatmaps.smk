@@ -32,6 +32,7 @@ rule heatmap:
         percentiles=[config["heatmap"]["low_percentile"], config["heatmap"]["high_percentile"]],
         smooth_sigma=config["heatmap"]["smooth_sigma"],
         top_k=config["heatmap"]["top_k"],
+        patch_predictions=config["heatmap"]["patch_predictions"],
     log:
         f"logs/heatmap/{MODEL}/{{slide}}.log",
     benchmark:

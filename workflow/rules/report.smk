@@ -2,11 +2,13 @@ rule run_summary:
     input:
         samples=config["samples"],
         tissue=expand(rules.filter_tissue.output.tiles, slide=SLIDES),
+        excluded=rules.excluded_table.output.table,
         # one list per stage, in pipeline order: the script reads every input named bench_<stage>
         bench_tile=expand(rules.tile.benchmark, slide=SLIDES),
         bench_filter_tissue=expand(rules.filter_tissue.benchmark, slide=SLIDES),
         bench_qc_table=rules.qc_table.benchmark,
         bench_extract_features=expand(rules.extract_features.benchmark, slide=SLIDES),
+        bench_excluded_table=rules.excluded_table.benchmark,
         bench_make_splits=rules.make_splits.benchmark,
         bench_train=expand(rules.train.benchmark, fold=FOLDS),
         bench_summarize=rules.summarize.benchmark,

@@ -6,6 +6,7 @@ rule make_splits:
     params:
         k=config["splits"]["k"],
         seed=config["splits"]["seed"],
+        test_fraction=config["splits"]["test_fraction"],
         classes=config["classes"],
     log:
         "logs/make_splits.log",

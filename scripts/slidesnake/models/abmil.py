@@ -33,3 +33,8 @@ class ABMIL(MILModel):
         pooled, attention = self.pooling(h)  # (1, hidden), (N, 1)
         logits = self.classifier(pooled)[0]
         return MILOutput(logits=logits, attention=attention[:, 0], extras={"embedding": pooled[0]})
+
+    def single_instance_logits(self, instances: Tensor) -> Tensor:
+        # a bag of one: attention 1, the pooled representation is the instance's embedding
+        self.check_bag(instances)
+        return self.classifier(self.projector(instances))

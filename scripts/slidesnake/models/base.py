@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -57,6 +58,19 @@ class MILModel(nn.Module):
 
     def forward(self, bag: Tensor) -> MILOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def single_instance_logits(self, instances: Tensor) -> Tensor:
+        """Logits ``(N, n_classes)`` of each instance of ``instances`` ``(N, D)`` scored alone, as a bag
+        of one (all attention on it): the patch-by-patch predictions of flat models.
+
+        This default runs ``forward`` once per instance; models override it with a batched
+        computation giving the same logits.
+        """
+        if self.bag_type != "flat":
+            raise NotImplementedError(f"{type(self).__name__} reads {self.bag_type!r} bags; "
+                                      "a single instance is not a bag it can score")
+        self.check_bag(instances)
+        return torch.stack([self(instances[i:i + 1]).logits for i in range(instances.shape[0])])
 
     def loss(self, output: MILOutput, label: Tensor, class_weights: Tensor | None = None) -> dict[str, Tensor]:
         ce = weighted_cross_entropy(output.logits, label, class_weights)

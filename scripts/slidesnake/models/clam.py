@@ -143,6 +143,14 @@ class CLAM(MILModel):
         return MILOutput(logits=logits, attention=attention,
                          extras={"h": h, "attention_branches": branches, "embedding": pooled})
 
+    def single_instance_logits(self, instances: Tensor) -> Tensor:
+        # a bag of one: every branch's attention is 1, so each pooled representation is the embedding
+        self.check_bag(instances)
+        h = self.projector(instances)
+        if self.multi_branch:
+            return torch.cat([clf(h) for clf in self.classifiers], dim=1)
+        return self.classifiers(h)
+
     def instance_loss(self, output: MILOutput, label: Tensor) -> Tensor:
         """The clustering loss of one bag (see the module docstring)."""
         h = output.extras["h"]

@@ -157,6 +157,13 @@ class DAMIL(MILModel):
             "sub_attention": a[:, 0], "sub_bags": idx,
         })
 
+    def single_instance_logits(self, instances: Tensor) -> Tensor:
+        # a bag of one: one sub-bag of one tile, whose label token the sub-bag attention (1) passes on
+        self.check_bag(instances)
+        x = self.projector(instances)[:, None]  # (N, 1, hidden): N sub-bags of one tile each
+        z_l, _ = self.label_block(x, torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device))
+        return self.classifier(z_l)
+
     def loss(self, output: MILOutput, label: Tensor, class_weights: Tensor | None = None) -> dict[str, Tensor]:
         """``ce_slide``, ``ce_sub``, ``ce_neg``, ``contrastive`` and their weighted sum ``total``.
 

@@ -27,12 +27,18 @@ def moore_penrose_iter_pinv(x: Tensor, iters: int = 6) -> Tensor:
     """Iterative Moore-Penrose pseudo-inverse of the last two dimensions of ``x``.
 
     Initialised with ``x^T / (max_i sum_j |x_ij| * max_j sum_i |x_ij|)`` (maxima over the whole
-    tensor, as in nystrom-attention), then ``Z <- Z (13 I - XZ (15 I - XZ (7 I - XZ))) / 4``.
+    tensor, as in nystrom-attention, but per element of the leading batch dimension, so that a batch
+    of bags gives each bag its result alone; the same for a batch of one), then
+    ``Z <- Z (13 I - XZ (15 I - XZ (7 I - XZ))) / 4``.
     """
     abs_x = x.abs()
     col = abs_x.sum(dim=-1)
     row = abs_x.sum(dim=-2)
-    z = x.transpose(-1, -2) / (col.max() * row.max())
+    if x.ndim > 2:
+        scale = col.flatten(1).amax(1) * row.flatten(1).amax(1)
+        z = x.transpose(-1, -2) / scale.reshape(-1, *([1] * (x.ndim - 1)))
+    else:
+        z = x.transpose(-1, -2) / (col.max() * row.max())
     eye = torch.eye(x.shape[-1], device=x.device, dtype=x.dtype)
     for _ in range(iters):
         xz = x @ z

@@ -60,6 +60,10 @@ class TransMIL(MILModel):
     That row is averaged over heads; a tile's copies appended by the squaring are summed back into
     it; ``attention_mode="nystrom"`` (default) takes the Nyström-approximated row the layer actually
     uses, clipped at 0, ``"exact"`` the exact softmax row; either is normalised over the bag.
+
+    Patch predictions (``single_instance_logits``): every tile as a bag of one, in one batch. Each
+    such bag is still padded to ``num_landmarks`` tokens by the Nyström layers, so a tile costs about
+    what a bag of ``num_landmarks`` tiles does.
     """
 
     def __init__(self, in_dim: int, n_classes: int, hidden: int = 512, heads: int = 8,
@@ -106,3 +110,17 @@ class TransMIL(MILModel):
         total = attention.sum()
         attention = attention / total if total > 0 else torch.full_like(attention, 1.0 / n)
         return MILOutput(logits=logits, attention=attention, extras={"embedding": cls[0]})
+
+    def single_instance_logits(self, instances: Tensor, batch: int = 32) -> Tensor:
+        # bags of one tile, ``batch`` at a time (each holds heads x landmarks^2 attention matrices):
+        # a 1 x 1 grid (no squaring copies) after the class token, both layers, the class token's logits
+        self.check_bag(instances)
+        out = []
+        for start in range(0, instances.shape[0], batch):
+            h = self.fc1(instances[start:start + batch])[:, None]  # (B, 1, hidden)
+            h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
+            h, _ = self.layer1(h)
+            h = self.pos_layer(h, 1, 1)
+            h, _ = self.layer2(h)
+            out.append(self.classifier(self.norm(h)[:, 0]))
+        return torch.cat(out)

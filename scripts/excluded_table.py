@@ -1,0 +1,23 @@
+"""Snakemake script of rule `excluded_table`: every slide left out of training -> results/qc/excluded.tsv."""
+
+from pathlib import Path
+
+from slidesnake.exclusion import excluded_table
+from slidesnake.io import setup_logging, write_table
+from slidesnake.models import get_model_class
+from slidesnake.samples import read_sheet
+from slidesnake.store import open_store
+
+sm = snakemake  # noqa: F821
+log = setup_logging(sm.log[0])
+samples = read_sheet(sm.input.samples)
+# results/features/<backbone>/<slide_id>.zarr
+stores = {Path(p).name[: -len(".zarr")]: open_store(p) for p in sm.input.stores}
+# the magnifications the model reads: all of training.magnifications for multiscale models
+multiscale = get_model_class(sm.params.model).bag_type == "multiscale"
+mags = [float(m) for m in sm.params.magnifications] if multiscale else [float(sm.params.magnification)]
+table = excluded_table(samples, stores, mags)
+write_table(table, sm.output.table)
+log.info("%d of %d slides excluded", len(table), len(samples))
+for r in table.itertuples(index=False):
+    log.info("  %s (%s) at %s: %s", r.slide_id, r.path, r.stage, r.reason)
