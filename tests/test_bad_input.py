@@ -160,6 +160,7 @@ def runs(good_cohort, tmp_path_factory):
 
     cfg = yaml.safe_load((work / "config.yaml").read_text())
     cfg["on_bad_slide"] = "skip"
+    cfg["heatmap"]["pyramid"] = True  # the optional pyramidal heatmaps too, placeholders for excluded slides
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
     skip = snakemake(work, "--cores", "2", check=False)
     return dict(work=work, good=list(good["slide_id"]), bad=bad, sheet=sheet, fail=fail, fail_logs=fail_logs,
@@ -256,6 +257,16 @@ def test_skip_mode_marks_outputs_and_placeholders(runs):
     assert png.size == (720, 160) and np.asarray(png.convert("L")).min() < 128  # dark text on white
     log = (work / "logs/tile/EMPTY.log").read_text()
     assert "WARNING" in log and "excluded at tile: file is empty (0 bytes)" in log and "ERROR" not in log
+    # heatmap.pyramid: the excluded slide (which does not even open) gets a blank placeholder TIFF,
+    # a good slide its heatmap on its own level-0 grid
+    import openslide
+
+    with openslide.OpenSlide(res / "heatmaps/abmil/EMPTY.heatmap.svs") as placeholder:
+        assert placeholder.dimensions == (256, 256)
+    good = runs["good"][0]
+    with openslide.OpenSlide(res / f"heatmaps/abmil/{good}.heatmap.svs") as hm, \
+            openslide.OpenSlide(runs["sheet"].set_index("slide_id").loc[good, "path"]) as slide:
+        assert hm.dimensions == slide.dimensions
 
 
 # ------------------------------------------------------------------------------ unit level

@@ -66,8 +66,10 @@ rule localisation:
 rule heatmap_pyramid:
     """Optional (config heatmap.pyramid): the heatmap as a pyramidal TIFF on the slide's level-0 grid."""
     input:
-        slide=slide_path,
         tiles=f"{OUT}/heatmaps/{MODEL}/{{slide}}.tiles.csv",
+        # level-0 size, MPP and objective as resolved for tiling (sheet override included), or the
+        # exclusion marker (on_bad_slide: skip): the slide itself is not read
+        meta=rules.tile.output.meta,
     output:
         tiff=f"{OUT}/heatmaps/{MODEL}/{{slide}}.heatmap.svs",
     params:
