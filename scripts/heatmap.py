@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pandas as pd
 
-from slidesnake.heatmap import (TILE_COLUMNS, attention_layers, case_weights, heatmap_bag, normalise, oof_fold,
-                                instance_scores, render, render_panels, render_top_tiles, score_map, smooth,
+from slidesnake.heatmap import (TILE_COLUMNS, attention_layers, case_weights, heatmap_bag, oof_fold,
+                                scale_attention, instance_scores, render, render_panels, render_top_tiles, score_map, smooth,
                                 tile_table, tiles_geojson)
 from slidesnake.exclusion import log_excluded, write_excluded_heatmap_outputs
 from slidesnake.io import atomic_path, save_figure, setup_logging, write_table
@@ -70,11 +70,13 @@ classes = ckpt["classes"]
 slide = open_slide(sm.input.slide, slide_id)
 thumb = thumbnail(slide, p.thumbnail_size, slide_id=slide_id, path=sm.input.slide)  # bounded memory
 maps, raw, norm = {}, {}, {}
+scale, factor = getattr(p, "scale", None) or ("slide", 4.0)  # config heatmap.scale, uniform_range
+how = "percentile-normalised" if scale == "slide" else f"relative to uniform, log scale, 1/{factor:g}x to {factor:g}x"
 for m in (att[0] if att else {}):  # fold ensemble (slide in no test split): mean attention
     raw[m] = np.mean([a[m] for a in att], axis=0)
-    norm[m] = normalise(raw[m], *p.percentiles)
+    norm[m] = scale_attention(raw[m], scale, percentiles=p.percentiles, uniform_range=factor)
     coords, size = boxes[m]
-    maps[f"attention at {m:g}x (percentile-normalised)"] = smooth(
+    maps[f"attention at {m:g}x ({how})"] = smooth(
         score_map(coords, size, norm[m], slide.dimensions, thumb.size), p.smooth_sigma)
 tiles = tile_table(slide_id, store, raw, norm,
                    {mag: np.mean(inst, axis=0)} if inst and len(inst) == len(att) else None)

@@ -176,3 +176,25 @@ def test_heatmap_slide_opens_in_openslide_on_slide_coordinates(tmp_path):
     px = lambda x, y: np.asarray(s.read_region((x, y), 0, (1, 1)).convert("RGB"))[0, 0].astype(int)  # noqa: E731
     assert (px(256, 512) < 30).all() and (px(768, 512) > 225).all()  # score 0 -> black, 1 -> white (gray)
     assert abs(px(1280, 1024)[0] - 128) < 20 and (px(100, 100) > 225).all()  # 0.5 -> grey; off tiles: white
+
+
+def test_uniform_scale_is_comparable_across_slides():
+    """heatmap.scale: uniform -- the colour says the tile's weight relative to 1/N, the same on every
+    slide: flat attention is mid-scale (not stretched to the full range as per-slide percentiles do)."""
+    from slidesnake.heatmap import relative_to_uniform, scale_attention
+
+    flat = np.full(50, 1 / 50)
+    np.testing.assert_allclose(relative_to_uniform(flat), 0.5)
+    assert np.ptp(scale_attention(flat + np.linspace(0, 1e-6, 50), "slide")) == pytest.approx(1.0)
+    np.testing.assert_allclose(scale_attention(flat, "uniform"), 0.5)
+    # a tile with 4x (or more) the uniform weight is 1, 1/4x (or less) is 0, 2x is 0.75 on a log scale
+    w = np.array([4.0, 0.25, 1.0, 1.0, 0.75, 0.5, 0.25, 0.25])  # relative to uniform: sums to N = 8
+    np.testing.assert_allclose(relative_to_uniform(w, 4)[:4], [1.0, 0.0, 0.5, 0.5])
+    np.testing.assert_allclose(relative_to_uniform(w * 3.7 / 1000, 4), relative_to_uniform(w, 4))  # any sum
+    np.testing.assert_allclose(relative_to_uniform(np.array([2.0, 0.5, 1.0, 0.5]), 4), [0.75, 0.25, 0.5, 0.25])
+    assert relative_to_uniform(np.array([1.0, 1.0, 2.0]), 2)[2] == pytest.approx((np.log(1.5) / np.log(2) + 1) / 2)
+    # same relative weights, different bag sizes and sums -> same colours
+    np.testing.assert_allclose(relative_to_uniform(np.array([1, 1, 3, 3.0])),
+                               relative_to_uniform(np.array([1, 3.0]) * 7)[[0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="heatmap.scale"):
+        scale_attention(flat, "cohort")

@@ -32,6 +32,33 @@ def normalise(scores: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.nd
     return np.clip((scores - lo) / (hi - lo), 0.0, 1.0)
 
 
+def relative_to_uniform(scores: np.ndarray, factor: float = 4.0) -> np.ndarray:
+    """Attention as a colour value comparable across slides: ``log(a_i * N / sum(a))`` (the tile's
+    weight relative to the uniform 1/N of its bag) over ``log(factor)``, mapped from [-1, 1] to
+    [0, 1] and clipped: 0.5 = uniform, 1 = ``factor`` times uniform or more, 0 = 1/``factor`` or less."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        return scores
+    total = scores.sum()
+    if not total > 0:
+        return np.full_like(scores, 0.5)
+    rel = np.maximum(scores, 0) * scores.size / total
+    with np.errstate(divide="ignore"):
+        x = np.log(rel) / np.log(float(factor))
+    return np.clip((x + 1) / 2, 0.0, 1.0)
+
+
+def scale_attention(scores: np.ndarray, scale: str = "slide", *, percentiles=(1.0, 99.0),
+                    uniform_range: float = 4.0) -> np.ndarray:
+    """Config ``heatmap.scale``: ``slide`` -> :func:`normalise` (the slide's percentiles), ``uniform``
+    -> :func:`relative_to_uniform`."""
+    if scale == "slide":
+        return normalise(scores, *percentiles)
+    if scale == "uniform":
+        return relative_to_uniform(scores, uniform_range)
+    raise ValueError(f"heatmap.scale must be 'slide' or 'uniform'; got {scale!r}")
+
+
 def score_map(coords: np.ndarray, size: np.ndarray, scores: np.ndarray,
               slide_dims: tuple[int, int], map_dims: tuple[int, int]) -> np.ndarray:
     """A (H, W) map at ``map_dims`` (width, height) of the mean score of the tiles covering each pixel.

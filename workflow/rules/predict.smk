@@ -51,6 +51,7 @@ rule predict_heatmap:
         alpha=config["heatmap"]["alpha"],
         cmap=config["heatmap"]["cmap"],
         percentiles=[config["heatmap"]["low_percentile"], config["heatmap"]["high_percentile"]],
+        scale=[config["heatmap"]["scale"], config["heatmap"]["uniform_range"]],
         smooth_sigma=config["heatmap"]["smooth_sigma"],
         top_k=config["heatmap"]["top_k"],
         patch_predictions=config["heatmap"]["patch_predictions"],
