@@ -31,7 +31,8 @@ with one_line_errors(log, also=(NonFiniteError,)):
     bags = load_bags(list(sm.input.features), mag, rows["slide_id"].tolist(), log=log, bag_type=bag_type,
                      magnifications=mags, samples=samples)
     result = train_fold(bags, rows, list(sm.params.classes), sm.params.model, dict(sm.params.model_kwargs or {}),
-                        log=log, **dict(sm.params.training or {}))
+                        log=log, tensorboard=getattr(sm.params, "tensorboard", "") or None,
+                        **dict(sm.params.training or {}))
 save_checkpoint(sm.output.model, result, {"magnification": mag, "bag_type": bag_type,
                                           "magnifications": mags if bag_type == "multiscale" else None})
 write_table(result.history, sm.output.history)

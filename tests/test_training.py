@@ -197,3 +197,25 @@ def test_train_script_on_zarr_stores(tmp_path):
     np.testing.assert_allclose(probs, pred.loc[pred["slide_id"] == "s0", ["prob_neg", "prob_pos"]].to_numpy()[0],
                                rtol=1e-5)
     assert "epoch   2/2" in (tmp_path / "logs" / "train.log").read_text()
+
+
+def test_tensorboard_event_files_hold_the_history(tmp_path):
+    """training.tensorboard: every history column, per epoch, as TensorBoard scalars."""
+    pytest.importorskip("tensorboard")  # in the [test] extra; optional for users
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    bags, _, splits = digit_bags(n_train=30, n_val=10, n_test=10)
+    logdir = tmp_path / "tb" / "fold_0"
+    res = train_fold(bags, splits, CLASSES, "clam", {"hidden": 16, "attn_dim": 8, "k_sample": 2},
+                     lr=1e-3, epochs=3, patience=3, min_epochs=3, seed=0, device="cpu", tensorboard=logdir)
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"fold_0/train_loss", "fold_0/val_loss", "fold_0/lr", "fold_0/train_instance"} <= tags
+    for column in ("train_loss", "val_loss", "train_bag", "train_instance"):
+        events = acc.Scalars(f"fold_0/{column}")
+        assert [e.step for e in events] == list(res.history["epoch"])
+        np.testing.assert_allclose([e.value for e in events], res.history[column], rtol=1e-6)
+    # and nothing is written without it
+    train_fold(bags, splits, CLASSES, "abmil", {"hidden": 16}, epochs=1, min_epochs=1, seed=0, device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tb"]

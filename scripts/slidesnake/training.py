@@ -194,6 +194,19 @@ def _predict(model: MILModel, bags: list[torch.Tensor], y: np.ndarray | None = N
     return probs_arr, float(np.mean(losses)) if losses else float("nan")
 
 
+def _tensorboard_writer(logdir, log: logging.Logger):
+    """A TensorBoard ``SummaryWriter`` on ``logdir`` (None: no TensorBoard)."""
+    if not logdir:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:  # torch's module imports the tensorboard package
+        raise ImportError(f"training.tensorboard is on but TensorBoard is not installed ({err}); "
+                          "pip install tensorboard, or set training.tensorboard: false") from None
+    log.info("TensorBoard event files in %s (tensorboard --logdir %s)", logdir, logdir)
+    return SummaryWriter(log_dir=str(logdir))
+
+
 def train_fold(
     bags: Mapping[str, object],
     splits_fold: pd.DataFrame,
@@ -213,6 +226,7 @@ def train_fold(
     lr_factor: float = 0.5,
     lr_patience: int = 5,
     log: logging.Logger | None = None,
+    tensorboard: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train one fold; return the best model (lowest val loss), history and predictions.
 
@@ -224,7 +238,8 @@ def train_fold(
     tiles (every magnification / slide of the training bags). Empty bags (for multiscale: no tile
     at some magnification) are skipped (warning) and get no prediction row. Constructor arguments
     that a model reads off the bags (``MILModel.infer_kwargs``, e.g. the magnifications) are added
-    to ``model_kwargs`` and saved with them.
+    to ``model_kwargs`` and saved with them. ``tensorboard``: a directory for TensorBoard event
+    files (every history column per epoch, as it is trained; needs the ``tensorboard`` package).
     """
     log = log or _log
     classes = [str(c) for c in classes]
@@ -294,6 +309,7 @@ def train_fold(
         dict(zip(classes, np.round(weights, 4).tolist())),
     )
 
+    writer = _tensorboard_writer(tensorboard, log)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -347,6 +363,11 @@ def train_fold(
             secs = time.perf_counter() - t0
             rows.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, val_auc=val_auc,
                              val_bacc=val_bacc, lr=cur_lr, seconds=secs, **term_means))
+            if writer is not None:
+                for key, value in rows[-1].items():
+                    if key != "epoch" and math.isfinite(value):
+                        writer.add_scalar(f"fold_{fold}/{key}", value, epoch)
+                writer.flush()
             log.info("fold %d epoch %3d/%d: train_loss %.4f val_loss %.4f val_auc %.4f val_bacc %.4f "
                      "lr %.2e %.1fs%s", fold, epoch, epochs, train_loss, val_loss, val_auc, val_bacc,
                      cur_lr, secs, " *" if improved else "")
@@ -373,6 +394,8 @@ def train_fold(
             preds.append(p)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        if writer is not None:
+            writer.close()
 
     predictions = pd.concat(preds, ignore_index=True)
     predictions = predictions.sort_values("slide_id", key=lambda s: s.map(unit_order)).reset_index(drop=True)

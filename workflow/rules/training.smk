@@ -40,6 +40,8 @@ rule train:
             for k in ("optimizer", "lr", "weight_decay", "epochs", "patience", "min_epochs",
                       "class_weights", "seed", "device")
         },
+        # TensorBoard event files (config training.tensorboard): a log directory, not an output
+        tensorboard=lambda wc: f"logs/tensorboard/{MODEL}/fold_{wc.fold}" if config["training"]["tensorboard"] else "",
     log:
         f"logs/train/{MODEL}/fold_{{fold}}.log",
     benchmark:
