@@ -318,3 +318,35 @@ def test_killed_extraction_leaves_no_store(tmp_path, cmu_small, tiles):
             np.testing.assert_array_equal(got.root[f"{mag:g}x"][name][...], ref.root[f"{mag:g}x"][name][...])
     np.testing.assert_array_equal(got.parents(20.0, 5.0), ref.parents(20.0, 5.0))
     assert set(got.parents(20.0, 5.0)) == {-1, 0, 1}  # the 5x tiles cover the top 20x rows only
+
+
+def test_overlap_edge_tiles_are_padded_not_stretched(tmp_path):
+    """tiling.overlap > 0: DeepZoom leaves the overlap out on the slide's first row and column; the
+    feature reader pads that side with the background (as TileReader.read_native does), so an edge
+    tile shows the same pixels at the same place as its neighbours, not a stretched copy."""
+    from slidesnake.demo import make_cohort
+    from slidesnake.features import TileDataset
+    from slidesnake.slide import open_slide, resolve_resolution
+    from slidesnake.tiling import TileReader, build_grid
+
+    sheet = make_cohort(tmp_path / "c", n_patients=1, slides_per_patient=(1, 1), size=1200, seed=2)
+    path = sheet["path"].iloc[0]
+    slide = open_slide(path, "s")
+    grid, _ = build_grid(slide, resolve_resolution(slide.properties, "s", path), [20], 224, overlap=16)
+    ds = TileDataset(path, grid, 224, overlap=16, limit_bounds=True)
+    assert set(ds.sizes) == {256}
+    reader = TileReader(path, 224, 16, True)
+    corner = int(np.flatnonzero((grid["col"] == 0) & (grid["row"] == 0))[0])
+    inner = int(np.flatnonzero((grid["col"] == 1) & (grid["row"] == 1))[0])
+    for i in (corner, inner):
+        got = ds[i].permute(1, 2, 0).numpy()
+        want = np.asarray(reader.read_native(*grid.loc[grid.index[i], ["dz_tile_size", "dz_level", "col", "row"]]))
+        assert got.shape == (256, 256, 3)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(ds.__getitems__([i])[0].numpy(), want)
+    # the corner tile's missing overlap is the slide's background, and its content starts at (16, 16)
+    got = ds[corner].permute(1, 2, 0).numpy()
+    bg = np.asarray(reader.read_native(*grid.loc[grid.index[corner], ["dz_tile_size", "dz_level", "col", "row"]]))[0, 0]
+    assert (got[:16] == bg).all() and (got[:, :16] == bg).all()
+    raw = slide.read_region((0, 0), 0, (240, 240)).convert("RGB")
+    np.testing.assert_array_equal(got[16:, 16:], np.asarray(raw))

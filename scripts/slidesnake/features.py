@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import slidesnake
 from slidesnake.backbones import Backbone, create_backbone
-from slidesnake.slide import SlideError, pixel_errors
+from slidesnake.slide import SlideError
 from slidesnake.store import FeatureStore, StoreWriter, open_store
 from slidesnake.tiling import TileReader
 
@@ -63,31 +63,25 @@ PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 # reading
 
 
-class _NativeTileReader(TileReader):
-    """A :class:`TileReader` that leaves tiles at their DeepZoom size (resizing is the device's)."""
-
-    def read_native(self, dz_tile_size: int, dz_level: int, col: int, row: int) -> Image.Image:
-        with pixel_errors(self.slide_id, self.path):  # one-line SlideError naming slide and path
-            tile = self._generator(int(dz_tile_size)).get_tile(int(dz_level), (int(col), int(row)))
-        return tile if tile.mode == "RGB" else tile.convert("RGB")
-
-
 class TileDataset(Dataset):
     """Kept tiles of one slide at their native size ``S = dz_tile_size + 2 * overlap``.
 
     ``dataset[i]`` is a uint8 ``(3, S, S)`` tensor; ``dataset.__getitems__(indices)`` (what the
     DataLoader calls for a batch) is one uint8 ``(B, S, S, 3)`` tensor, the tiles decoded straight
-    into it. The indices of a batch must share ``S`` (see :func:`tile_batches`). A tile whose
-    DeepZoom size is not ``S`` (edge tiles with ``overlap > 0``) is resized to ``S`` with PIL.
-    Resizing to the backbone's input size happens on the device, batched.
+    into it. The indices of a batch must share ``S`` (see :func:`tile_batches`). Tiles come from
+    :meth:`TileReader.read_native`: on the slide's first row and column (and beyond its last),
+    where DeepZoom leaves the overlap out, the missing side is padded with the slide's background
+    colour, never stretched, so every tile covers the same physical area. Resizing to the
+    backbone's input size happens on the device, batched.
     """
 
     def __init__(self, slide_path: str | os.PathLike, tiles: pd.DataFrame, tile_size: int,
                  overlap: int = 0, limit_bounds: bool = True, threads: int = 1, slide_id: str | None = None):
-        self.reader = _NativeTileReader(slide_path, int(tile_size), int(overlap), bool(limit_bounds),
-                                        slide_id=slide_id)
+        self.reader = TileReader(slide_path, int(tile_size), int(overlap), bool(limit_bounds), slide_id=slide_id)
         self._address = tiles[["dz_tile_size", "dz_level", "col", "row"]].to_numpy(np.int64)
-        self.sizes = self._address[:, 0] + 2 * int(overlap)  # native side of every tile
+        # native side of every tile (the DeepZoom overlap scales with dz_tile_size / tile_size)
+        native = {int(d): self.reader.native_size(int(d)) for d in np.unique(self._address[:, 0])}
+        self.sizes = np.array([native[int(d)] for d in self._address[:, 0]], dtype=np.int64)
         self.threads = int(threads)  # decoding threads per batch (OpenSlide releases the GIL)
         self._pool = None
 
@@ -118,8 +112,7 @@ class TileDataset(Dataset):
         out = np.empty((len(indices), side, side, 3), np.uint8)
         if self.threads > 1 and len(indices) > 1:
             if self._pool is None:
-                with pixel_errors(self.reader.slide_id, self.reader.path):  # open the handle once
-                    self.reader._generator(int(self._address[indices[0], 0]))
+                self.reader.prepare(int(self._address[indices[0], 0]))  # open the handle once
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tile-decode")
             list(self._pool.map(lambda ki: self._read_into(out[ki[0]], ki[1]), enumerate(indices)))
         else:

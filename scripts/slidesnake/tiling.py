@@ -297,6 +297,12 @@ class TileReader:
                 overlap=dz_overlap(self.overlap, self.tile_size, dz_tile_size))
         return self._dz[dz_tile_size]
 
+    def prepare(self, dz_tile_size: int) -> None:
+        """Open the slide and the DeepZoom generator of ``dz_tile_size`` now (before threads share
+        this reader, which then only read); an unopenable slide is a one-line SlideError."""
+        with pixel_errors(self.slide_id, self.path):
+            self._generator(int(dz_tile_size))
+
     def native_size(self, dz_tile_size: int) -> int:
         """Side in pixels of :meth:`read_native`'s tiles."""
         return int(dz_tile_size) + 2 * dz_overlap(self.overlap, self.tile_size, int(dz_tile_size))
