@@ -12,7 +12,8 @@ p, slide_id = sm.params, sm.wildcards.slide
 mode = mode_of(sm.config)
 # Under on_bad_slide: skip a slide file missing when the DAG was built is no input (common.smk,
 # slide_path); its path is the sheet's, and open_slide below reports it as not found.
-path = sm.input.slide if sm.input.slide else sheet_path(sm.config["samples"], slide_id)
+path = sm.input.slide if sm.input.slide else sheet_path(
+    [sm.config["samples"], (sm.config.get("predict") or {}).get("samples")], slide_id)
 
 
 def exclude(rec):

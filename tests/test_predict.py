@@ -247,3 +247,17 @@ def test_predict_target_on_new_slides_leaves_the_trained_run_alone(small_run, tm
     out = snakemake(work, "-n", "predict")
     assert "Nothing to be done" in out.stdout + out.stderr
     print(f"predict target: 2 new slides (tile, tissue, features, heatmaps, ensemble) in {seconds:.0f} s")
+
+    # on_bad_slide: skip covers the predict sheet too: a missing file gets a row saying why
+    gone = pd.concat([sheet, pd.DataFrame([{"slide_id": "NEW-GONE", "patient_id": "NEW-PAT09",
+                                             "path": "new/slides/gone.svs"}])], ignore_index=True)
+    gone.to_csv(work / "new" / "predict2.tsv", sep="\t", index=False)
+    cfg["predict"] = {"samples": "new/predict2.tsv", "name": "batch2"}
+    cfg["on_bad_slide"] = "skip"
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(work, "--cores", "2", "predict")
+    pred2 = pd.read_csv(res / "predict" / "batch2" / "predictions.csv").set_index("slide_id")
+    assert "file not found" in pred2.loc["NEW-GONE", "status"] and np.isnan(pred2.loc["NEW-GONE", "prob_tumour"])
+    assert np.allclose(pred2.loc[pred["slide_id"], "prob_tumour"], pred["prob_tumour"], atol=1e-6)
+    assert len(pd.read_csv(res / "predict" / "batch2" / "heatmaps" / "NEW-GONE.tiles.csv")) == 0
+    assert {d: _tree_state(res / d) for d in ("models", "summary")} == before

@@ -48,12 +48,17 @@ def mode_of(config: Mapping) -> str:
     return mode
 
 
-def sheet_path(sheet: str | os.PathLike, slide_id: str) -> str:
-    """A slide's ``path`` in the sample sheet (for a slide whose file is no job input: missing
-    when the DAG was built). Read as :func:`slidesnake.samples.read_sheet` reads it, with pandas only."""
-    df = pd.read_csv(sheet, sep="\t", dtype=str, comment="#", skip_blank_lines=True)
-    df.columns = [c.strip() for c in df.columns]
-    return str(df.loc[df["slide_id"].str.strip() == slide_id, "path"].iloc[0]).strip()
+def sheet_path(sheets: str | os.PathLike | Sequence, slide_id: str) -> str:
+    """A slide's ``path`` in the first of ``sheets`` (the sample sheet, then the predict sheet) that
+    lists it (for a slide whose file is no job input: missing when the DAG was built). Read as
+    :func:`slidesnake.samples.read_sheet` reads it, with pandas only."""
+    for sheet in [sheets] if isinstance(sheets, (str, os.PathLike)) else [s for s in sheets if s]:
+        df = pd.read_csv(sheet, sep="\t", dtype=str, comment="#", skip_blank_lines=True)
+        df.columns = [c.strip() for c in df.columns]
+        rows = df.loc[df["slide_id"].str.strip() == slide_id, "path"]
+        if len(rows):
+            return str(rows.iloc[0]).strip()
+    raise KeyError(f"slide {slide_id!r} is in none of the sheets {sheets}")
 
 
 def record(stage: str, reason: str, fix: str = "") -> dict:

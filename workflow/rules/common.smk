@@ -77,6 +77,9 @@ if PREDICT_SHEET:
                         schema=os.path.join(workflow.basedir, "schemas", "predict_samples.schema.yaml"))
     PREDICT_SLIDES = list(predict_samples["slide_id"])
     PREDICT_MISSING = missing_files(predict_samples)
+    if PREDICT_MISSING and config["on_bad_slide"] == "skip":
+        print(f"on_bad_slide: skip -- {len(PREDICT_MISSING)} file(s) of the predict sheet not found; they are "
+              "excluded:\n  " + "\n  ".join(PREDICT_MISSING.values()), file=sys.stderr)
     _PREDICT_PATIENT = dict(zip(predict_samples["slide_id"], predict_samples["patient_id"]))
     for _s, _path, _m in zip(predict_samples["slide_id"], predict_samples["path"], predict_samples["mpp"]):
         _PATH.setdefault(_s, _path)
@@ -89,6 +92,8 @@ def slide_path(wildcards):
             return []  # no input: rule tile excludes the slide ("file not found"), later rules pass it on
         raise SampleSheetError(config["samples"], list(MISSING.values()))
     if wildcards.slide in PREDICT_MISSING:
+        if config["on_bad_slide"] == "skip":
+            return []  # as above: its prediction row and heatmap say why
         raise SampleSheetError(PREDICT_SHEET, list(PREDICT_MISSING.values()))
     return _PATH[wildcards.slide]
 
