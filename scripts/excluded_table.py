@@ -1,7 +1,6 @@
 """Snakemake script of rule `excluded_table`: every slide left out of training -> results/qc/excluded.tsv."""
 
-from pathlib import Path
-
+from slidesnake.bags import stores_by_slide
 from slidesnake.exclusion import excluded_table
 from slidesnake.io import setup_logging, write_table
 from slidesnake.models import get_model_class
@@ -11,8 +10,7 @@ from slidesnake.store import open_store
 sm = snakemake  # noqa: F821
 log = setup_logging(sm.log[0])
 samples = read_sheet(sm.input.samples)
-# results/features/<backbone>/<slide_id>.zarr
-stores = {Path(p).name[: -len(".zarr")]: open_store(p) for p in sm.input.stores}
+stores = {sid: open_store(path) for sid, path in stores_by_slide(sm.input.stores).items()}
 # the magnifications the model reads: all of training.magnifications for multiscale models
 multiscale = get_model_class(sm.params.model).bag_type == "multiscale"
 mags = [float(m) for m in sm.params.magnifications] if multiscale else [float(sm.params.magnification)]

@@ -36,10 +36,11 @@ fold = oof_fold(splits, slide_id) if splits is not None else None
 models = {int(path.split("fold_")[-1].split("/")[0]): path for path in sm.params.models}
 use = [fold] if fold is not None else sorted(models)
 log.info("%s: %s", slide_id, f"out-of-fold model of fold {fold}" if fold is not None
-         else f"ensemble of folds {use} (slide in no test split)")
+         else f"ensemble of folds {use} (no single fold tested the slide: held out of all, or new)")
 mag = float(p.magnification)
 probs, att, inst, bars, bag, bag_type = [], [], [], None, None, None
 patch = []  # heatmap.patch_predictions: per-tile class probabilities, each tile alone as a bag
+want_patch = bool(getattr(p, "patch_predictions", False))
 for f in use:
     model, ckpt = load_checkpoint(models[f])
     if bag_type is None:  # the bag the model reads (slide, slide at every magnification, or case)
@@ -48,7 +49,8 @@ for f in use:
             bag_type, store, magnification=mag, magnifications=ckpt.get("magnifications") or p.magnifications,
             slide_id=slide_id, case_stores=list(sm.input.case_stores),
             samples=read_samples(sm.input.samples) if bag_type == "hierarchical" else None)
-        if getattr(p, "patch_predictions", False) and not supports_patch_predictions(model):
+        want_patch = want_patch and supports_patch_predictions(model)  # one bag type for every fold
+        if getattr(p, "patch_predictions", False) and not want_patch:
             log.info("patch predictions skipped: %s reads %s bags, and a tile alone is not such a bag",
                      ckpt["model_name"], bag_type)
         if bag_type == "flat" and not len(bag):
@@ -61,7 +63,7 @@ for f in use:
             att.append(layers)
         if bag_type == "flat" and (score := instance_scores(model, out)) is not None:
             inst.append(score)  # e.g. CLAM's instance classifier
-        if getattr(p, "patch_predictions", False) and supports_patch_predictions(model):
+        if want_patch:
             patch.append(patch_probabilities(model, ckpt, bag))
         if bag_type == "hierarchical" and f == use[0]:
             bars = case_weights(out, slide_id)

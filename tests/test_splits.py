@@ -141,10 +141,9 @@ def test_fixed_test_fraction_is_held_out_of_every_fold():
         parts = {s: set(g.loc[g["split"] == s, "patient_id"]) for s in ("train", "val", "test")}
         assert not parts["train"] & parts["test"] and not parts["val"] & parts["test"]
         assert not parts["train"] & parts["val"]
-    patients = samples.drop_duplicates("patient_id")
-    held = patients[patients["slide_id"].isin(test) | patients["patient_id"].isin(
-        df.loc[df["slide_id"].isin(test), "patient_id"])]
-    assert 0.15 <= len(held) / len(patients) <= 0.25
+    held = samples[samples["slide_id"].isin(test)].drop_duplicates("patient_id")
+    assert set(samples.loc[samples["patient_id"].isin(held["patient_id"]), "slide_id"]) == test  # whole patients
+    assert 0.15 <= len(held) / samples["patient_id"].nunique() <= 0.25
     assert set(held["label"]) == {"normal", "tumour"}  # stratified: both classes held out
     val = df.loc[df["split"] == "val", "slide_id"]
     assert val.is_unique and set(val) == set(samples["slide_id"]) - test
@@ -160,12 +159,17 @@ def test_fixed_test_fraction_is_held_out_of_every_fold():
 def test_fixed_test_set_contract_and_limits():
     samples = cohort((30, 20))
     df = make_splits(samples, k=3, seed=0, test_fraction=0.25)
-    # a test slide trained on in one fold breaks the contract
+    # a held-out patient trained on in one fold breaks the contract
     bad = df.copy()
     i = bad.index[(bad["fold"] == 1) & (bad["split"] == "test")][0]
-    bad.loc[bad["patient_id"] == bad.loc[i, "patient_id"], "split"] = "train"
     bad.loc[(bad["fold"] == 1) & (bad["patient_id"] == bad.loc[i, "patient_id"]), "split"] = "train"
-    with pytest.raises(SplitError):
+    with pytest.raises(SplitError, match="tested exactly once"):
+        check_splits(bad)
+    # and so does one validated in two folds
+    bad = df.copy()
+    j = bad.index[(bad["fold"] == 0) & (bad["split"] == "val")][0]
+    bad.loc[(bad["fold"] == 1) & (bad["patient_id"] == bad.loc[j, "patient_id"]), "split"] = "val"
+    with pytest.raises(SplitError, match="validated exactly once"):
         check_splits(bad)
     with pytest.raises(SplitError, match="test_fraction must be in"):
         make_splits(samples, k=3, test_fraction=0.5)

@@ -16,7 +16,6 @@ Weights are never downloaded:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Callable, Mapping
 
 import torch
 from torch import nn
+
+from slidesnake.io import sha256_file  # noqa: F401  (also this module's API)
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +129,6 @@ def create_backbone(name: str, weights: str | Path = "none", seed: int = 0,
 # ---------------------------------------------------------------------------------------------
 # weights
 
-
-def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _hub_checkpoint(url: str) -> Path:

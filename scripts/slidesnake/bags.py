@@ -93,9 +93,11 @@ def check_finite(features, slide_id: str, path, magnification: float | None) -> 
 
 
 def excluded_reason(store) -> str | None:
-    """``"excluded at <stage>: <reason>"`` for a store marked excluded, else None."""
-    rec = store.excluded
-    return f"excluded at {rec.get('stage', '?')}: {rec.get('reason', '?')}" if rec else None
+    """``"excluded at <stage>: <reason>"`` (:func:`slidesnake.exclusion.describe`) for a store marked
+    excluded, else None."""
+    from slidesnake.exclusion import describe
+
+    return describe(store.excluded) if store.excluded else None
 
 
 # ---------------------------------------------------------------------------------- generic helpers

@@ -7,6 +7,7 @@ directory and renamed into place, so an interrupted job never leaves something t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +17,15 @@ from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in ``block``-byte pieces (weights, checkpoints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _tmp_name(path: Path) -> Path:

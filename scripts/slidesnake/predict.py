@@ -3,7 +3,7 @@
 - :func:`ensemble_predictions` applies every fold checkpoint of a run to bags of new slides (or
   cases, for hierarchical models) and averages the class probabilities over the folds; used by rule
   ``predict`` (new cohorts) and reusable for a held-out test set.
-- :func:`model_record` / :func:`models_table` / :func:`file_sha256`: which checkpoints were used.
+- :func:`model_record` / :func:`models_table`: which checkpoints were used (path, sha256).
 - :func:`fold_checkpoints`: the ``fold_<k>/model.pt`` files of a run, with a one-line error naming a
   missing one.
 - :func:`patch_probabilities`: every tile of a flat bag scored alone, as a bag of one tile
@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from typing import Mapping, Sequence
@@ -20,20 +19,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from slidesnake.io import sha256_file
+
 # torch and the training code are imported where used: the workflow's parser imports this module
-# (fold_checkpoints, file_sha256) and should not pay for torch.
+# (fold_checkpoints) and should not pay for torch.
 
 _log = logging.getLogger("slidesnake.predict")
 MODEL_COLUMNS = ["fold", "path", "sha256", "model_name", "bag_type", "in_dim", "classes", "best_epoch"]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fold_checkpoints(models_dir: str | os.PathLike, folds: Sequence[int]) -> list[str]:
@@ -56,7 +48,7 @@ def model_record(path: str | os.PathLike, ckpt: Mapping, fold: int | None = None
     return {
         "fold": ckpt.get("fold") if fold is None else fold,
         "path": os.fspath(path),
-        "sha256": file_sha256(path),
+        "sha256": sha256_file(path),
         "model_name": ckpt["model_name"],
         "bag_type": ckpt.get("bag_type") or get_model_class(ckpt["model_name"]).bag_type,
         "in_dim": int(ckpt["in_dim"]),
@@ -208,5 +200,5 @@ def predict_sheet_bags(stores: Sequence[str | os.PathLike], sheet: pd.DataFrame,
                      samples=sheet if bag_type == "hierarchical" else None)
 
 
-__all__ = ["ensemble_predictions", "models_table", "model_record", "file_sha256", "fold_checkpoints",
+__all__ = ["ensemble_predictions", "models_table", "model_record", "fold_checkpoints",
            "patch_probabilities", "supports_patch_predictions", "predict_sheet_bags", "MODEL_COLUMNS"]

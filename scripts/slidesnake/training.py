@@ -58,11 +58,6 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------------------- bags
 
-def slide_id_of_store(path: str | os.PathLike) -> str:
-    name = Path(path).name
-    return name[: -len(".zarr")] if name.endswith(".zarr") else name
-
-
 def load_bags(stores: Sequence[str | os.PathLike], magnification: float | None,
               slide_ids: Sequence[str] | None = None, log: logging.Logger | None = None, *,
               bag_type: str = "flat", magnifications: Sequence[float] | None = None,
@@ -272,9 +267,10 @@ def train_fold(
     skipped = [s for s in df["slide_id"] if reasons[s]]
     for s in skipped:
         split = df.loc[df["slide_id"] == s, "split"].iloc[0]
-        why = reasons[s] if reasons[s].startswith(("empty", "excluded")) else f"unusable bag ({reasons[s]})"
-        log.warning("fold %d: %s %s %s; skipped (%s split, no prediction)", fold, unit, s,
-                    why if why.startswith("excluded") else f"has an {why}", split)
+        r = reasons[s]
+        what = r if r.startswith("excluded") else f"has an {r}" if r.startswith("empty") else \
+            f"has an unusable bag ({r})"
+        log.warning("fold %d: %s %s %s; skipped (%s split, no prediction)", fold, unit, s, what, split)
     df = df[~df["slide_id"].isin(skipped)].reset_index(drop=True)
     dims = set().union(*(feature_dims(bags[s]) for s in df["slide_id"]))
     if len(dims) != 1:
@@ -325,24 +321,29 @@ def train_fold(
             t0 = time.perf_counter()
             cur_lr = opt.param_groups[0]["lr"]
             model.train()
-            sums: dict[str, float] = {}  # every named loss term, summed over the epoch's bags
+            total = 0.0
+            sums: dict[str, torch.Tensor] = {}  # the other named loss terms, summed on the device
             for i in rng.permutation(len(x["train"])):
                 out = model(x["train"][i])
                 label = torch.tensor(int(y["train"][i]), device=dev)
                 terms = model.loss(out, label, weights_t)
                 loss = terms["total"]
-                if not math.isfinite(float(loss.detach())):  # one bag per step: it names the culprit
+                value = float(loss.detach())  # the step's one host sync
+                if not math.isfinite(value):  # one bag per step: it names the culprit
                     raise NonFiniteLossError(
-                        f"fold {fold}, epoch {epoch}: non-finite training loss ({float(loss.detach())}) on "
+                        f"fold {fold}, epoch {epoch}: non-finite training loss ({value}) on "
                         f"{unit} {parts['train']['slide_id'].iloc[i]!r}; lower training.lr, or check that "
                         f"{unit}'s features")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach())
-            train_loss = sums["total"] / len(x["train"])
-            term_means = {f"train_{n}": v / len(x["train"]) for n, v in sums.items() if n != "total"}
+                total += value
+                for name, term in terms.items():
+                    if name != "total":
+                        t = term.detach().double()  # float64, as the total's Python float sum
+                        sums[name] = sums[name] + t if name in sums else t
+            train_loss = total / len(x["train"])
+            term_means = {f"train_{n}": float(v) / len(x["train"]) for n, v in sums.items()}
             probs, val_loss = _predict(model, x["val"], y["val"], weights_t)
             if x["val"] and not math.isfinite(val_loss):
                 raise NonFiniteLossError(f"fold {fold}, epoch {epoch}: non-finite validation loss ({val_loss}) "

@@ -6,7 +6,8 @@ from snakemake.utils import validate
 
 # The package lives beside the rule scripts; importable without installation.
 sys.path.insert(0, os.path.join(workflow.basedir, "..", "scripts"))
-from slidesnake.predict import file_sha256, fold_checkpoints
+from slidesnake.io import sha256_file
+from slidesnake.predict import fold_checkpoints
 from slidesnake.samples import (SampleSheetError, check_predict_sheet, check_sheet, missing_files,
                                 read_predict_sheet, read_sheet)
 from slidesnake.tiling import mag_label, parse_targets
@@ -185,7 +186,7 @@ def predict_model_sha256(wildcards=None):
         st = os.stat(path)
         key = (path, st.st_size, st.st_mtime_ns)
         if key not in _SHA256:
-            _SHA256[key] = file_sha256(path)
+            _SHA256[key] = sha256_file(path)
         out.append(_SHA256[key])
     return out
 
