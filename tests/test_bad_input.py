@@ -222,7 +222,7 @@ def test_skip_mode_keeps_every_good_slide(runs):
         pred = pd.read_csv(work / f"results/models/abmil/fold_{k}/predictions.csv", dtype={"slide_id": str})
         rows = splits[splits["fold"] == k]
         assert set(pred["slide_id"]) == set(rows["slide_id"]) & set(good)
-        log = (work / f"logs/train/abmil/fold_{k}.log").read_text()
+        log = (work / f"results/logs/train/abmil/fold_{k}.log").read_text()
         for sid in set(rows["slide_id"]) & set(runs["bad"]):  # each left out with its reason
             assert f"slide {sid} excluded at " in log, (sid, log)
     for s in good:
@@ -255,7 +255,7 @@ def test_skip_mode_marks_outputs_and_placeholders(runs):
                                                                               "features": []}
     png = Image.open(res / "heatmaps/abmil/EMPTY.png")
     assert png.size == (720, 160) and np.asarray(png.convert("L")).min() < 128  # dark text on white
-    log = (work / "logs/tile/EMPTY.log").read_text()
+    log = (work / "results/logs/tile/EMPTY.log").read_text()
     assert "WARNING" in log and "excluded at tile: file is empty (0 bytes)" in log and "ERROR" not in log
     # heatmap.pyramid: the excluded slide (which does not even open) gets a blank placeholder TIFF,
     # a good slide its heatmap on its own level-0 grid

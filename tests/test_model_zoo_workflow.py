@@ -85,5 +85,5 @@ def test_fixed_held_out_test_set_end_to_end(small_run, tmp_path):
 
     slide = sorted(held)[0]
     snakemake(work, "--cores", "2", f"results/heatmaps/abmil/{slide}.png")
-    log = (work / f"logs/heatmap/abmil/{slide}.log").read_text()
+    log = (work / f"results/logs/heatmap/abmil/{slide}.log").read_text()
     assert "ensemble of folds [0, 1]" in log

@@ -8,33 +8,51 @@ from snakemake.utils import validate
 sys.path.insert(0, os.path.join(workflow.basedir, "..", "scripts"))
 from slidesnake.io import sha256_file
 from slidesnake.predict import fold_checkpoints
-from slidesnake.samples import (SampleSheetError, check_predict_sheet, check_sheet, missing_files,
-                                read_predict_sheet, read_sheet)
+from slidesnake.samples import (
+    SampleSheetError,
+    check_predict_sheet,
+    check_sheet,
+    missing_files,
+    read_predict_sheet,
+    read_sheet,
+)
 from slidesnake.tiling import mag_label, parse_targets
-
 
 # Threads and resources are Snakemake's, set per rule in the workflow profile
 # (workflow/profiles/default/config.yaml), no longer in the config: say so rather than "unknown key".
-_moved = [f"{section}.{key}" for section in ("tiling", "tissue", "features", "training")
-          for key in ("threads", "mem_mb", "gpu") if key in (config.get(section) or {})]
+_moved = [
+    f"{section}.{key}"
+    for section in ("tiling", "tissue", "features", "training")
+    for key in ("threads", "mem_mb", "gpu")
+    if key in (config.get(section) or {})
+]
 if _moved:
     raise ValueError(
         f"config keys {', '.join(_moved)} are no longer read: every rule's threads, mem_mb, runtime "
         "and gpu come from the workflow profile workflow/profiles/default/config.yaml; override them "
-        "with e.g. --set-threads extract_features=8 --set-resources extract_features:mem_mb=16000")
+        "with e.g. --set-threads extract_features=8 --set-resources extract_features:mem_mb=16000"
+    )
 validate(config, schema="../schemas/config.schema.yaml")
 
 samples = read_sheet(config["samples"])
 # Every row against the schema and the cross-row checks, all problems reported at once. Missing
 # slide files are reported (all at once) when a job needs one, so that linting and dry runs of
 # other targets work before the slides are in place.
-check_sheet(samples, config["classes"], sheet=config["samples"], check_paths=False,
-            schema=os.path.join(workflow.basedir, "schemas", "samples.schema.yaml"))
+check_sheet(
+    samples,
+    config["classes"],
+    sheet=config["samples"],
+    check_paths=False,
+    schema=os.path.join(workflow.basedir, "schemas", "samples.schema.yaml"),
+)
 validate(samples, schema="../schemas/samples.schema.yaml")
 MISSING = missing_files(samples)
 if MISSING and config["on_bad_slide"] == "skip":
-    print(f"on_bad_slide: skip -- {len(MISSING)} slide file(s) not found; they are excluded "
-          f"({config['outdir']}/qc/excluded.tsv):\n  " + "\n  ".join(MISSING.values()), file=sys.stderr)
+    print(
+        f"on_bad_slide: skip -- {len(MISSING)} slide file(s) not found; they are excluded "
+        f"({config['outdir']}/qc/excluded.tsv):\n  " + "\n  ".join(MISSING.values()),
+        file=sys.stderr,
+    )
 
 OUT = config["outdir"]
 SLIDES = list(samples["slide_id"])
@@ -71,16 +89,28 @@ PREDICT_SHEET = config["predict"]["samples"]
 PREDICT_SLIDES, PREDICT_MISSING, _PREDICT_PATIENT = [], {}, {}
 if PREDICT_SHEET:
     if not os.path.isfile(PREDICT_SHEET):
-        raise SampleSheetError(PREDICT_SHEET, ["file not found; fix config predict.samples (relative paths "
-                                               "are relative to the working directory) or set it to null"])
+        raise SampleSheetError(
+            PREDICT_SHEET,
+            [
+                "file not found; fix config predict.samples (relative paths "
+                "are relative to the working directory) or set it to null"
+            ],
+        )
     predict_samples = read_predict_sheet(PREDICT_SHEET)
-    check_predict_sheet(predict_samples, PREDICT_SHEET, training=samples,
-                        schema=os.path.join(workflow.basedir, "schemas", "predict_samples.schema.yaml"))
+    check_predict_sheet(
+        predict_samples,
+        PREDICT_SHEET,
+        training=samples,
+        schema=os.path.join(workflow.basedir, "schemas", "predict_samples.schema.yaml"),
+    )
     PREDICT_SLIDES = list(predict_samples["slide_id"])
     PREDICT_MISSING = missing_files(predict_samples)
     if PREDICT_MISSING and config["on_bad_slide"] == "skip":
-        print(f"on_bad_slide: skip -- {len(PREDICT_MISSING)} file(s) of the predict sheet not found; they are "
-              "excluded:\n  " + "\n  ".join(PREDICT_MISSING.values()), file=sys.stderr)
+        print(
+            f"on_bad_slide: skip -- {len(PREDICT_MISSING)} file(s) of the predict sheet not found; they are "
+            "excluded:\n  " + "\n  ".join(PREDICT_MISSING.values()),
+            file=sys.stderr,
+        )
     _PREDICT_PATIENT = dict(zip(predict_samples["slide_id"], predict_samples["patient_id"]))
     for _s, _path, _m in zip(predict_samples["slide_id"], predict_samples["path"], predict_samples["mpp"]):
         _PATH.setdefault(_s, _path)
@@ -129,8 +159,11 @@ def exported_tiles(wildcards=None):
     """Tile export directories (rule export_tiles) of every slide, when config export_tiles.enabled."""
     if not config["export_tiles"]["enabled"]:
         return []
-    return [f"{OUT}/patches/patches_{mag_label(m)}/{samples.loc[s, 'label']}/{s}"
-            for s in SLIDES for m in TILE_MAGNIFICATIONS]
+    return [
+        f"{OUT}/patches/patches_{mag_label(m)}/{samples.loc[s, 'label']}/{s}"
+        for s in SLIDES
+        for m in TILE_MAGNIFICATIONS
+    ]
 
 
 def annotation_files(wildcards=None):
@@ -146,7 +179,11 @@ def get_final_output():
         f"{OUT}/summary/{MODEL}/summary.csv",
         *expand(f"{OUT}/heatmaps/{MODEL}/{{slide}}.png", slide=SLIDES),
         *([f"{OUT}/heatmaps/{MODEL}/localisation.csv"] if config["heatmap"]["annotations"] else []),
-        *(expand(f"{OUT}/heatmaps/{MODEL}/{{slide}}.heatmap.svs", slide=SLIDES) if config["heatmap"]["pyramid"] else []),
+        *(
+            expand(f"{OUT}/heatmaps/{MODEL}/{{slide}}.heatmap.svs", slide=SLIDES)
+            if config["heatmap"]["pyramid"]
+            else []
+        ),
         f"{OUT}/run_summary/slides.tsv",
         f"{OUT}/qc/slides.tsv",
         f"{OUT}/qc/excluded.tsv",
@@ -168,8 +205,10 @@ def predict_sheet(wildcards=None):
     """Input of the predict rules: the predict sheet; checks, while the DAG is built (before any job
     runs), that the sheet is configured and the run's models exist."""
     if not PREDICT_SHEET:
-        raise ValueError("target predict needs config predict.samples: a sheet (TSV) of the new slides with "
-                         "slide_id and path (see config/config.yaml, section predict)")
+        raise ValueError(
+            "target predict needs config predict.samples: a sheet (TSV) of the new slides with "
+            "slide_id and path (see config/config.yaml, section predict)"
+        )
     predict_models()
     return PREDICT_SHEET
 

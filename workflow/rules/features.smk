@@ -7,6 +7,12 @@ rule extract_features:
         qc=rules.filter_tissue.output.qc,
     output:
         store=directory(f"{OUT}/features/{BACKBONE}/{{slide}}.zarr"),
+    log:
+        f"{OUT}/logs/extract_features/{BACKBONE}/{{slide}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/extract_features/{BACKBONE}/{{slide}}.tsv"
+    conda:
+        "../../envs/features.yaml"
     params:
         backbone=config["features"]["backbone"],
         weights=config["features"]["weights"],
@@ -15,12 +21,6 @@ rule extract_features:
         device=config["features"]["device"],
         feature_dtype=config["features"]["feature_dtype"],
         compile=config["features"]["compile"],
-    log:
-        f"logs/extract_features/{BACKBONE}/{{slide}}.log",
-    benchmark:
-        f"benchmarks/extract_features/{BACKBONE}/{{slide}}.tsv"
-    conda:
-        "../../envs/features.yaml"
     script:
         "../../scripts/extract_features.py"
 
@@ -33,15 +33,15 @@ rule excluded_table:
         stores=feature_stores,
     output:
         table=f"{OUT}/qc/excluded.tsv",
+    log:
+        f"{OUT}/logs/excluded_table.log",
+    benchmark:
+        f"{OUT}/benchmarks/excluded_table.tsv"
+    conda:
+        "../../envs/training.yaml"
     params:
         model=MODEL,
         magnification=config["training"]["magnification"],
         magnifications=TRAIN_MAGNIFICATIONS,
-    log:
-        "logs/excluded_table.log",
-    benchmark:
-        "benchmarks/excluded_table.tsv"
-    conda:
-        "../../envs/training.yaml"
     script:
         "../../scripts/excluded_table.py"

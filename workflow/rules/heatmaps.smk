@@ -22,6 +22,12 @@ rule heatmap:
         tiles=f"{OUT}/heatmaps/{MODEL}/{{slide}}.tiles.csv",
         geojson=f"{OUT}/heatmaps/{MODEL}/{{slide}}.geojson",
         top_tiles=f"{OUT}/heatmaps/{MODEL}/{{slide}}.top_tiles.png",
+    log:
+        f"{OUT}/logs/heatmap/{MODEL}/{{slide}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/heatmap/{MODEL}/{{slide}}.tsv"
+    conda:
+        "../../envs/heatmaps.yaml"
     params:
         models=fold_models(),
         magnification=config["training"]["magnification"],
@@ -34,12 +40,6 @@ rule heatmap:
         smooth_sigma=config["heatmap"]["smooth_sigma"],
         top_k=config["heatmap"]["top_k"],
         patch_predictions=config["heatmap"]["patch_predictions"],
-    log:
-        f"logs/heatmap/{MODEL}/{{slide}}.log",
-    benchmark:
-        f"benchmarks/heatmap/{MODEL}/{{slide}}.tsv"
-    conda:
-        "../../envs/heatmaps.yaml"
     script:
         "../../scripts/heatmap.py"
 
@@ -52,14 +52,14 @@ rule localisation:
         samples=config["samples"],
     output:
         csv=f"{OUT}/heatmaps/{MODEL}/localisation.csv",
-    params:
-        annotations=config["heatmap"]["annotations"],
     log:
-        f"logs/localisation/{MODEL}.log",
+        f"{OUT}/logs/localisation/{MODEL}.log",
     benchmark:
-        f"benchmarks/localisation/{MODEL}.tsv"
+        f"{OUT}/benchmarks/localisation/{MODEL}.tsv"
     conda:
         "../../envs/heatmaps.yaml"
+    params:
+        annotations=config["heatmap"]["annotations"],
     script:
         "../../scripts/localisation.py"
 
@@ -73,13 +73,13 @@ rule heatmap_pyramid:
         meta=rules.tile.output.meta,
     output:
         tiff=f"{OUT}/heatmaps/{MODEL}/{{slide}}.heatmap.svs",
-    params:
-        cmap=config["heatmap"]["cmap"],
     log:
-        f"logs/heatmap_pyramid/{MODEL}/{{slide}}.log",
+        f"{OUT}/logs/heatmap_pyramid/{MODEL}/{{slide}}.log",
     benchmark:
-        f"benchmarks/heatmap_pyramid/{MODEL}/{{slide}}.tsv"
+        f"{OUT}/benchmarks/heatmap_pyramid/{MODEL}/{{slide}}.tsv"
     conda:
         "../../envs/heatmaps.yaml"
+    params:
+        cmap=config["heatmap"]["cmap"],
     script:
         "../../scripts/heatmap_pyramid.py"

@@ -16,15 +16,15 @@ rule predict:
     output:
         predictions=f"{PREDICT_DIR}/predictions.csv",
         models=f"{PREDICT_DIR}/models.tsv",
+    log:
+        f"{OUT}/logs/predict/{config['predict']['name']}.log",
+    benchmark:
+        f"{OUT}/benchmarks/predict/{config['predict']['name']}.tsv"
+    conda:
+        "../../envs/training.yaml"
     params:
         models=predict_models,
         sha256=predict_model_sha256,
-    log:
-        f"logs/predict/{config['predict']['name']}.log",
-    benchmark:
-        f"benchmarks/predict/{config['predict']['name']}.tsv"
-    conda:
-        "../../envs/training.yaml"
     script:
         "../../scripts/predict.py"
 
@@ -42,6 +42,12 @@ rule predict_heatmap:
         tiles=f"{PREDICT_DIR}/heatmaps/{{slide}}.tiles.csv",
         geojson=f"{PREDICT_DIR}/heatmaps/{{slide}}.geojson",
         top_tiles=f"{PREDICT_DIR}/heatmaps/{{slide}}.top_tiles.png",
+    log:
+        f"{OUT}/logs/predict_heatmap/{config['predict']['name']}/{{slide}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/predict_heatmap/{config['predict']['name']}/{{slide}}.tsv"
+    conda:
+        "../../envs/heatmaps.yaml"
     params:
         models=predict_models,
         sha256=predict_model_sha256,
@@ -55,11 +61,5 @@ rule predict_heatmap:
         smooth_sigma=config["heatmap"]["smooth_sigma"],
         top_k=config["heatmap"]["top_k"],
         patch_predictions=config["heatmap"]["patch_predictions"],
-    log:
-        f"logs/predict_heatmap/{config['predict']['name']}/{{slide}}.log",
-    benchmark:
-        f"benchmarks/predict_heatmap/{config['predict']['name']}/{{slide}}.tsv"
-    conda:
-        "../../envs/heatmaps.yaml"
     script:
         "../../scripts/heatmap.py"

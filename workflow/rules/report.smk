@@ -24,13 +24,13 @@ rule run_summary:
             caption="../report/run_stages.rst",
             category="Run summary",
         ),
-    params:
-        magnification=config["training"]["magnification"],
     log:
-        "logs/run_summary.log",
+        f"{OUT}/logs/run_summary.log",
     benchmark:
-        "benchmarks/run_summary.tsv"
+        f"{OUT}/benchmarks/run_summary.tsv"
     conda:
         "../../envs/report.yaml"
+    params:
+        magnification=config["training"]["magnification"],
     script:
         "../../scripts/run_summary.py"

@@ -4,6 +4,12 @@ rule tile:
     output:
         grid=f"{OUT}/tiles/{{slide}}/grid.parquet",
         meta=f"{OUT}/tiles/{{slide}}/slide.json",
+    log:
+        f"{OUT}/logs/tile/{{slide}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/tile/{{slide}}.tsv"
+    conda:
+        "../../envs/tiling.yaml"
     params:
         mpp=slide_mpp,
         magnifications=config["tiling"]["magnifications"],  # entries: 20, "20x" or "0.5um"
@@ -13,12 +19,6 @@ rule tile:
         allow_upsample=config["tiling"]["allow_upsample"],
         default_mpp=config["tiling"]["default_mpp"],
         default_objective=config["tiling"]["default_objective"],
-    log:
-        "logs/tile/{slide}.log",
-    benchmark:
-        "benchmarks/tile/{slide}.tsv"
-    conda:
-        "../../envs/tiling.yaml"
     script:
         "../../scripts/tile.py"
 
@@ -38,15 +38,15 @@ rule filter_tissue:
         ),
         geojson=f"{OUT}/qc/{{slide}}/tissue.geojson",
         qc=f"{OUT}/qc/{{slide}}/qc.json",
+    log:
+        f"{OUT}/logs/filter_tissue/{{slide}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/filter_tissue/{{slide}}.tsv"
+    conda:
+        "../../envs/tiling.yaml"
     params:
         tissue=config["tissue"],
         thumbnail_size=config["tissue"]["thumbnail_size"],
-    log:
-        "logs/filter_tissue/{slide}.log",
-    benchmark:
-        "benchmarks/filter_tissue/{slide}.tsv"
-    conda:
-        "../../envs/tiling.yaml"
     script:
         "../../scripts/filter_tissue.py"
 
@@ -61,9 +61,9 @@ rule qc_table:
             category="Tissue QC",
         ),
     log:
-        "logs/qc_table.log",
+        f"{OUT}/logs/qc_table.log",
     benchmark:
-        "benchmarks/qc_table.tsv"
+        f"{OUT}/benchmarks/qc_table.tsv"
     conda:
         "../../envs/tiling.yaml"
     script:
@@ -79,17 +79,17 @@ rule export_tiles:
         meta=rules.tile.output.meta,
     output:
         [directory(f"{OUT}/patches/patches_{mag_label(m)}/{{label}}/{{slide}}") for m in TILE_MAGNIFICATIONS],
+    log:
+        f"{OUT}/logs/export_tiles/{{label}}/{{slide}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/export_tiles/{{label}}/{{slide}}.tsv"
+    wildcard_constraints:
+        label="[^/]+",
+    conda:
+        "../../envs/tiling.yaml"
     params:
         magnifications=TILE_MAGNIFICATIONS,
         format=config["export_tiles"]["format"],
         quality=config["export_tiles"]["quality"],
-    wildcard_constraints:
-        label="[^/]+",
-    log:
-        "logs/export_tiles/{label}/{slide}.log",
-    benchmark:
-        "benchmarks/export_tiles/{label}/{slide}.tsv"
-    conda:
-        "../../envs/tiling.yaml"
     script:
         "../../scripts/export_tiles.py"

@@ -3,17 +3,17 @@ rule make_splits:
         samples=config["samples"],
     output:
         splits=f"{OUT}/splits/splits.csv",
+    log:
+        f"{OUT}/logs/make_splits.log",
+    benchmark:
+        f"{OUT}/benchmarks/make_splits.tsv"
+    conda:
+        "../../envs/training.yaml"
     params:
         k=config["splits"]["k"],
         seed=config["splits"]["seed"],
         test_fraction=config["splits"]["test_fraction"],
         classes=config["classes"],
-    log:
-        "logs/make_splits.log",
-    benchmark:
-        "benchmarks/make_splits.tsv"
-    conda:
-        "../../envs/training.yaml"
     script:
         "../../scripts/make_splits.py"
 
@@ -28,6 +28,12 @@ rule train:
         model=f"{OUT}/models/{MODEL}/fold_{{fold}}/model.pt",
         history=f"{OUT}/models/{MODEL}/fold_{{fold}}/history.csv",
         predictions=f"{OUT}/models/{MODEL}/fold_{{fold}}/predictions.csv",
+    log:
+        f"{OUT}/logs/train/{MODEL}/fold_{{fold}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/train/{MODEL}/fold_{{fold}}.tsv"
+    conda:
+        "../../envs/training.yaml"
     params:
         fold=lambda wc: int(wc.fold),
         model=MODEL,
@@ -37,17 +43,22 @@ rule train:
         classes=config["classes"],
         training={
             k: config["training"][k]
-            for k in ("optimizer", "lr", "weight_decay", "epochs", "patience", "min_epochs",
-                      "class_weights", "seed", "device")
+            for k in (
+                "optimizer",
+                "lr",
+                "weight_decay",
+                "epochs",
+                "patience",
+                "min_epochs",
+                "class_weights",
+                "seed",
+                "device",
+            )
         },
         # TensorBoard event files (config training.tensorboard): a log directory, not an output
-        tensorboard=lambda wc: f"logs/tensorboard/{MODEL}/fold_{wc.fold}" if config["training"]["tensorboard"] else "",
-    log:
-        f"logs/train/{MODEL}/fold_{{fold}}.log",
-    benchmark:
-        f"benchmarks/train/{MODEL}/fold_{{fold}}.tsv"
-    conda:
-        "../../envs/training.yaml"
+        tensorboard=lambda wc: (
+            f"{OUT}/logs/tensorboard/{MODEL}/fold_{wc.fold}" if config["training"]["tensorboard"] else ""
+        ),
     script:
         "../../scripts/train.py"
 
@@ -86,14 +97,14 @@ rule summarize:
             category="Cohort",
             subcategory=MODEL,
         ),
+    log:
+        f"{OUT}/logs/summarize/{MODEL}.log",
+    benchmark:
+        f"{OUT}/benchmarks/summarize/{MODEL}.tsv"
+    conda:
+        "../../envs/training.yaml"
     params:
         classes=config["classes"],
         evaluation=config["evaluation"],
-    log:
-        f"logs/summarize/{MODEL}.log",
-    benchmark:
-        f"benchmarks/summarize/{MODEL}.tsv"
-    conda:
-        "../../envs/training.yaml"
     script:
         "../../scripts/summarize.py"

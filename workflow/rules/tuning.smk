@@ -13,8 +13,14 @@ rule tune:
     output:
         best=f"{OUT}/tuning/{{model}}/best_params.yaml",
         study=f"{OUT}/tuning/{{model}}/study.csv",
+    log:
+        f"{OUT}/logs/tune/{{model}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/tune/{{model}}.tsv"
     wildcard_constraints:
         model="[A-Za-z0-9_]+",
+    conda:
+        "../../envs/training.yaml"
     params:
         model=lambda wc: wc.model,
         # the configured model_kwargs are the fixed base of the search for the configured model only
@@ -27,11 +33,5 @@ rule tune:
             for k in ("optimizer", "epochs", "patience", "min_epochs", "class_weights", "seed", "device")
         },
         tuning=config["tuning"],
-    log:
-        "logs/tune/{model}.log",
-    benchmark:
-        "benchmarks/tune/{model}.tsv"
-    conda:
-        "../../envs/training.yaml"
     script:
         "../../scripts/tune.py"
