@@ -62,3 +62,24 @@ def test_leftover_of_killed_attempt_is_removed(tmp_path):
     with atomic_path(target) as tmp:
         tmp.mkdir()
     assert sorted(os.listdir(tmp_path)) == [".tmp-1-other.zarr", "store.zarr"]
+
+
+def test_stale_cleanup_leaves_other_outputs_live_temporaries(tmp_path):
+    """Slides A1 and X-A1 (or NEW-A1, the predict prefix) write side by side: cleaning A1's stale
+    temporaries must not delete X-A1's live one (a glob `.tmp-*-A1.zarr` matched it)."""
+    live = {name: tmp_path / f".tmp-4242-{name}" for name in ("X-A1.zarr", "NEW-A1.zarr", "A1.zarr.bak")}
+    for p in live.values():
+        p.mkdir()
+        (p / "features").write_text("being written")
+    dotted = tmp_path / ".tmp-7-A1Xzarr"  # a regex-special `.` in the name matches itself only
+    dotted.write_text("x")
+    stale = tmp_path / ".tmp-999999-A1.zarr"
+    stale.mkdir()
+    with atomic_path(tmp_path / "A1.zarr") as tmp:
+        tmp.mkdir()
+    assert not stale.exists()
+    assert all((p / "features").read_text() == "being written" for p in live.values())
+    assert dotted.exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["A1.zarr", dotted.name] + [p.name for p in live.values()]
+    )

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -49,9 +50,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Leftovers of a killed earlier attempt at this output (Snakemake never runs two jobs for the
-    # same output at once, so any temporary of this name is stale).
-    for stale in path.parent.glob(f".tmp-*-{path.name}"):
-        _remove(stale)
+    # same output at once, so any temporary of this name is stale). Matched exactly: a glob
+    # `.tmp-*-A1` would also match `.tmp-<pid>-X-A1`, the live temporary of another job's output.
+    stale_name = re.compile(rf"\.tmp-\d+-{re.escape(path.name)}")
+    for stale in path.parent.iterdir():
+        if stale_name.fullmatch(stale.name):
+            _remove(stale)
     tmp = _tmp_name(path)
     try:
         yield tmp
