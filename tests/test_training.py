@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import runpy
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,14 +24,13 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 def digits_run():
     torch.set_num_threads(1)
     bags, inst, splits = digit_bags()
-    t0 = time.perf_counter()
     res = train_fold(bags, splits, CLASSES, "abmil", {"hidden": 64, "gated": True},
                      lr=1e-3, epochs=20, patience=5, min_epochs=5, seed=0, device="cpu")
-    return bags, inst, splits, res, time.perf_counter() - t0
+    return bags, inst, splits, res
 
 
 def test_digit_bags_benchmark(digits_run, record_property):
-    bags, inst, splits, res, seconds = digits_run
+    bags, inst, splits, res = digits_run
     test = res.predictions[res.predictions["split"] == "test"]
     assert len(test) == 100
     bag_auc = roc_auc_score(test["label"] == "nine", test["prob_nine"])
@@ -44,18 +42,18 @@ def test_digit_bags_benchmark(digits_run, record_property):
         att.append(a)
         is_nine.append(inst[sid])
     inst_auc = roc_auc_score(np.concatenate(is_nine), np.concatenate(att))
-    for k, v in dict(bag_auc=bag_auc, instance_auc=inst_auc, seconds=seconds, best_epoch=res.best_epoch,
+    for k, v in dict(bag_auc=bag_auc, instance_auc=inst_auc, best_epoch=res.best_epoch,
                      epochs_run=len(res.history)).items():
         record_property(k, v)
-    print(f"digit bags: bag AUC {bag_auc:.4f}, instance AUC {inst_auc:.4f}, {seconds:.1f} s, "
+    print(f"digit bags: bag AUC {bag_auc:.4f}, instance AUC {inst_auc:.4f}, "
           f"best epoch {res.best_epoch}/{len(res.history)}")
     assert bag_auc >= 0.95
     assert inst_auc >= 0.9
-    assert seconds < 20
+    assert len(res.history) <= 20  # bounded work in epochs; the time is in scripts/bench/bench_digit_bags.py
 
 
 def test_history_and_predictions_layout(digits_run):
-    bags, _, splits, res, _ = digits_run
+    bags, _, splits, res = digits_run
     h = res.history
     # then one column per named loss term but the total (abmil: its cross-entropy)
     assert list(h.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "val_bacc", "lr", "seconds",
@@ -73,7 +71,7 @@ def test_history_and_predictions_layout(digits_run):
 
 
 def test_checkpoint_round_trip(digits_run, tmp_path):
-    bags, _, splits, res, _ = digits_run
+    bags, _, splits, res = digits_run
     path = tmp_path / "fold_0" / "model.pt"
     save_checkpoint(path, res, {"magnification": 20.0, "backbone": "digits", "n": np.int64(3)})
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
