@@ -7,7 +7,7 @@ from slidesnake.io import setup_logging, write_table
 from slidesnake.models import get_model_class
 from slidesnake.bags import NonFiniteError
 from slidesnake.samples import read_sheet
-from slidesnake.slide import one_line_errors
+from slidesnake.errors import one_line_errors
 from slidesnake.training import load_bags, save_checkpoint, train_fold
 
 sm = snakemake  # noqa: F821

@@ -7,7 +7,7 @@ Every model declares the bag it reads with the class attribute ``MILModel.bag_ty
 ``"multiscale"``
     one slide: :class:`MultiscaleBag` -- ``features[mag]`` ``(N_mag, D)`` for every magnification
     and, for every (finer, coarser) pair, ``parents[(finer, coarser)]`` ``(N_finer,)`` int64: the row
-    of the coarser tile that contains each finer tile (:func:`slidesnake.tiling.parent_indices` on
+    of the coarser tile that contains each finer tile (:func:`slidesnake.geometry.parent_indices` on
     the stores' level-0 ``coords`` / ``size``), ``-1`` when that tile was filtered out.
 ``"hierarchical"``
     one case (patient): :class:`CaseBag` -- ``stains[stain]`` is a list of ``(N_slice, D)`` arrays,
@@ -177,7 +177,7 @@ def empty_reason(bag) -> str | None:
 def multiscale_bag(store, magnifications: Sequence[float]) -> MultiscaleBag:
     """Features of each magnification of an open :class:`~slidesnake.store.FeatureStore` and the
     parent rows of every (finer, coarser) pair."""
-    from slidesnake.tiling import parent_indices
+    from slidesnake.geometry import parent_indices
 
     mags = sorted(_resolve_mags(store, magnifications))
     feats = {m: store.features(m) for m in mags}

@@ -20,7 +20,6 @@ Rule ``excluded_table`` collects every slide left out of training into ``results
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from typing import Mapping, Sequence
@@ -28,7 +27,7 @@ from typing import Mapping, Sequence
 import pandas as pd
 
 from slidesnake.io import atomic_path, write_json, write_table
-from slidesnake.slide import SlideError
+from slidesnake.errors import SlideError, describe, from_error, log_excluded, record  # noqa: F401
 
 MODES = ("fail", "skip")
 EXCLUDED_COLUMNS = ["slide_id", "patient_id", "path", "stage", "reason", "fix"]
@@ -61,28 +60,9 @@ def sheet_path(sheets: str | os.PathLike | Sequence, slide_id: str) -> str:
     raise KeyError(f"slide {slide_id!r} is in none of the sheets {sheets}")
 
 
-def record(stage: str, reason: str, fix: str = "") -> dict:
-    """The exclusion marker: the stage that excluded the slide, why, and what to do about it."""
-    return {"stage": str(stage), "reason": str(reason), "fix": str(fix)}
-
-
-def from_error(stage: str, err: SlideError) -> dict:
-    return record(stage, err.problem, err.fix)
-
-
 def excluded_of(obj: Mapping | None) -> dict | None:
     """The exclusion marker of a slide.json / qc.json record or store attributes (None: not excluded)."""
     return (obj or {}).get("excluded") or None
-
-
-def describe(rec: Mapping) -> str:
-    """``"excluded at <stage>: <reason>"``: how logs and placeholders name an exclusion."""
-    return f"excluded at {rec['stage']}: {rec['reason']}"
-
-
-def log_excluded(log: logging.Logger, slide_id: str, path, rec: Mapping, upstream: bool = False) -> None:
-    how = "passed on from an earlier stage" if upstream else "on_bad_slide: skip"
-    log.warning("slide %r (%s) %s; %s [%s]", slide_id, path, describe(rec), rec.get("fix") or "-", how)
 
 
 # ------------------------------------------------------------------------------ stage outputs

@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping
 
@@ -44,6 +43,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import slidesnake
 from slidesnake.backbones import Backbone, create_backbone
+from slidesnake.devices import resolve_device
+from slidesnake.io import Progress
 from slidesnake.slide import SlideError
 from slidesnake.store import FeatureStore, StoreWriter, open_store
 from slidesnake.tiling import TileReader
@@ -150,13 +151,6 @@ def _batch(x):
 # machine-dependent defaults
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> CUDA when available, else CPU; anything else is taken as given."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def available_cpus() -> int:
     """CPUs this process may run on (the SLURM allocation or taskset, not the node's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -194,11 +188,6 @@ def resolve_batch_size(batch_size: int | str | None, device: torch.device, input
         base = 32
     scaled = base * (224 / max(1, int(input_size))) ** 2
     return int(max(8, 2 ** math.floor(math.log2(max(1.0, scaled)))))
-
-
-def default_num_workers() -> int:
-    """Kept for callers of the old API: CPU workers for this machine."""
-    return resolve_num_workers("auto", torch.device("cpu"), available_cpus())
 
 
 def loader_options(device: torch.device, num_workers: int) -> dict:
@@ -304,30 +293,6 @@ class _Embedder:
         return self.submit(batch).result()
 
 
-class _Progress:
-    """Log tiles done / total and throughput about every 10% (one line each, for SLURM logs)."""
-
-    def __init__(self, slide_id: str, total: int, step: float = 0.1):
-        self.slide_id, self.total = slide_id, total
-        self.step = max(1, int(np.ceil(total * step)))
-        self.next = self.step
-        self.t0 = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        if done < self.next and done < self.total:
-            return
-        self.next = (done // self.step + 1) * self.step
-        dt = time.perf_counter() - self.t0
-        rate = done / dt if dt > 0 else float("nan")
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        log.info("%s: %d/%d tiles (%3.0f%%), %.1f tiles/s, %.0f s elapsed, eta %.0f s",
-                 self.slide_id, done, self.total, 100 * done / self.total, rate, dt, eta)
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.t0
-
-
 def _check_tiles(tiles: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in TILE_COLUMNS if c not in tiles.columns]
     if missing:
@@ -417,7 +382,7 @@ def extract_slide(
     # Without workers, the main process decodes each batch with all its CPUs (between batches).
     dataset = TileDataset(slide_path, kept, tile_size, overlap, limit_bounds,
                           threads=1 if workers else cpus, slide_id=slide_id)
-    progress = _Progress(slide_id, total)
+    progress = Progress(slide_id, total, unit="tiles", logger=log)
     with StoreWriter(out_path, attrs, n_tiles, bb.feature_dim, feature_dtype, CHUNK_ROWS) as writer:
         for m in mags:
             rows = kept[kept["magnification"] == m]

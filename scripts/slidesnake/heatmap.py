@@ -79,8 +79,10 @@ def score_map(coords: np.ndarray, size: np.ndarray, scores: np.ndarray,
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def render(thumbnail, amap: np.ndarray, *, alpha: float = 0.5, cmap: str = "jet", title: str = ""):
-    """Figure with the plain thumbnail beside the attention overlay and a colour bar."""
+def render(thumbnail, amap: np.ndarray, *, alpha: float = 0.5, cmap: str = "jet", title: str = "",
+           panel_title: str = "attention (percentile-normalised)"):
+    """Figure with the plain thumbnail beside the attention overlay (titled ``panel_title``: say how
+    the scores were scaled) and a colour bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,7 +97,7 @@ def render(thumbnail, amap: np.ndarray, *, alpha: float = 0.5, cmap: str = "jet"
     axes[1].imshow(thumb)
     im = axes[1].imshow(np.ma.masked_invalid(amap), cmap=cmap, alpha=alpha, vmin=0, vmax=1,
                         interpolation="nearest")
-    axes[1].set_title("attention (percentile-normalised)")
+    axes[1].set_title(panel_title)
     for ax in axes:
         ax.set_axis_off()
     fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.02, label="attention")
@@ -233,12 +235,12 @@ def tile_table(slide_id: str, store, raw: dict, norm: dict, instance: dict | Non
     ``raw`` / ``norm`` / ``instance``: magnification -> ``(N,)`` scores in the store's row order. The
     address comes from the store's group attributes (schema 2), or from ``grid`` (``tiles.parquet``) when given.
     """
-    from slidesnake.store import mag_key
+    from slidesnake.geometry import mag_label
 
     frames = []
     for m, att in raw.items():
         coords, size, addr_cr = store.coords(m), store.size(m), store.grid(m)
-        ga = store.root[mag_key(m)].attrs
+        ga = store.root[mag_label(m)].attrs
         df = pd.DataFrame({
             "slide_id": slide_id, "tile_id": store.tile_ids(m), "magnification": float(m),
             "x": coords[:, 0], "y": coords[:, 1], "w": size[:, 0], "h": size[:, 1],
@@ -411,13 +413,13 @@ def render_top_tiles(reader, tiles: pd.DataFrame, k: int = 8, *, score: str = "a
 
 def write_heatmap_slide(path, tiles: pd.DataFrame, slide_dims: tuple[int, int], *, score: str = "attention_norm",
                         cmap: str = "jet", mpp: float = 0.5, objective: float = 20, alpha: float = 1.0) -> None:
-    """The tile scores as a pyramidal tiled TIFF (Aperio SVS layout, :func:`slidesnake.demo.write_slide`)
+    """The tile scores as a pyramidal tiled TIFF (Aperio SVS layout, :func:`slidesnake.svs.write_slide`)
     with the slide's level-0 dimensions, so OpenSlide (and QuPath / viewers) open it on the slide's
     coordinates: each tile box coloured by ``score`` through ``cmap``, off-tile pixels white. Scores of
     the finest magnification are drawn; overlapping tiles are averaged (:func:`score_map`)."""
     import matplotlib
 
-    from slidesnake.demo import write_slide
+    from slidesnake.svs import write_slide
 
     width, height = int(slide_dims[0]), int(slide_dims[1])
     if len(tiles):

@@ -1,4 +1,4 @@
-"""Atomic outputs and logging helpers shared by every stage.
+"""Atomic outputs and logging helpers (the job log, a progress line) shared by every stage.
 
 Every file or directory an output rule produces is written under a temporary name in the same
 directory and renamed into place, so an interrupted job never leaves something that looks finished.
@@ -10,10 +10,12 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -125,3 +127,30 @@ def setup_logging(log_path: str | os.PathLike | None = None, level: int = loggin
         force=True,
     )
     return logging.getLogger("slidesnake")
+
+
+class Progress:
+    """One log line about every ``step`` share of ``total`` items (one line each, for SLURM logs):
+    ``<what>: done/total <unit> (pct%), rate <unit>/s, elapsed, eta``."""
+
+    def __init__(self, what: str, total: int, *, unit: str = "items", step: float = 0.1,
+                 logger: logging.Logger | None = None):
+        self.what, self.total, self.unit = what, total, unit
+        self.step = max(1, math.ceil(total * step))
+        self.next = self.step
+        self.log = logger or logging.getLogger("slidesnake")
+        self.t0 = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        if done < self.next and done < self.total:
+            return
+        self.next = (done // self.step + 1) * self.step
+        dt = time.perf_counter() - self.t0
+        rate = done / dt if dt > 0 else float("nan")
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        self.log.info("%s: %d/%d %s (%3.0f%%), %.1f %s/s, %.0f s elapsed, eta %.0f s", self.what, done,
+                      self.total, self.unit, 100 * done / max(1, self.total), rate, self.unit, dt, eta)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0

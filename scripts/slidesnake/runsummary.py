@@ -15,13 +15,13 @@ Written by the rule ``run_summary`` (part of ``rule all``) to ``results/run_summ
 from __future__ import annotations
 
 import logging
-import math
 import os
-import time
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+from slidesnake.io import Progress
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +29,9 @@ SLIDE_COLUMNS = ["slide_id", "patient_id", "label", "tiles", "tissue_tiles", "st
 STAGE_COLUMNS = ["stage", "jobs", "wall_s_total", "wall_s_mean", "wall_s_max", "cpu_s_total", "max_rss_mb"]
 
 
-class _Progress:
-    """One log line about every 10% of ``total`` items, with the rate."""
-
-    def __init__(self, what: str, total: int):
-        self.what, self.total = what, total
-        self.step = max(1, math.ceil(total / 10))
-        self.t0 = time.monotonic()
-
-    def update(self, done: int) -> None:
-        if done % self.step == 0 or done == self.total:
-            dt = time.monotonic() - self.t0
-            log.info("%s: %d/%d (%3.0f%%), %.0f/s", self.what, done, self.total, 100 * done / self.total,
-                     done / dt if dt > 0 else float("nan"))
-
-
-def slide_status(tiles: pd.DataFrame, magnification: float | None) -> tuple[int, int, str]:
-    """``(tiles, tissue_tiles, reason)`` of one slide's tissue table; ``reason`` is empty if included."""
+def bag_status(tiles: pd.DataFrame, magnification: float | None) -> tuple[int, int, str]:
+    """``(tiles, tissue_tiles, reason)`` of one slide's tissue table at the training magnification; ``reason``
+    is empty if its bag is included (the QC status of the slide itself is :func:`slidesnake.tissue.slide_status`)."""
     if magnification is not None and len(tiles):
         tiles = tiles[np.isclose(tiles["magnification"].to_numpy(dtype=float), float(magnification))]
     n, kept = len(tiles), int(tiles["keep"].sum()) if len(tiles) else 0
@@ -64,11 +50,11 @@ def slide_table(samples: pd.DataFrame, tissue_tables: Mapping[str, str | os.Path
     marked = {} if excluded is None else {str(r.slide_id): f"{r.stage}: {r.reason}"
                                           for r in excluded.itertuples(index=False)}
     rows = []
-    progress = _Progress("read tissue tables", len(samples))
+    progress = Progress("read tissue tables", len(samples), unit="slides", logger=log)
     for i, row in enumerate(samples.itertuples(index=False), 1):
         sid = str(row.slide_id)
         tiles = pd.read_parquet(tissue_tables[sid], columns=["magnification", "keep"])
-        n, kept, reason = slide_status(tiles, magnification)
+        n, kept, reason = bag_status(tiles, magnification)
         reason = marked.get(sid, reason)
         rows.append(dict(slide_id=sid, patient_id=str(row.patient_id), label=str(row.label), tiles=n,
                          tissue_tiles=kept, status="excluded" if reason else "included", reason=reason))

@@ -7,32 +7,22 @@ from the slide (or the sample sheet's ``mpp`` override), and where each value ca
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import openslide
+
+from slidesnake.errors import SlideError, one_line_errors  # noqa: F401  (one_line_errors: imported from here by scripts)
 
 # 10 / MPP is the conventional magnification of a pixel size (0.25 um/px ~ 40x, 0.5 um/px ~ 20x).
 MPP_AT_1X = 10.0
 # Plausible range of a slide's level-0 pixel size in microns; values outside are metadata junk
 # (e.g. a 72-dpi default resolution tag).
 MPP_RANGE = (0.05, 20.0)
-
-
-class SlideError(Exception):
-    """A problem with one slide. ``str(err)`` is a single line naming the slide and the fix."""
-
-    def __init__(self, slide_id: str, path: str | os.PathLike, problem: str, fix: str):
-        self.slide_id, self.path, self.problem, self.fix = slide_id, str(path), problem, fix
-        super().__init__(f"slide {slide_id!r} ({path}): {problem}; {fix}")
-
-    def __reduce__(self):  # picklable, so errors raised in worker processes reach the parent intact
-        return type(self), (self.slide_id, self.path, self.problem, self.fix)
 
 
 def open_slide(path: str | os.PathLike, slide_id: str) -> openslide.AbstractSlide:
@@ -274,32 +264,3 @@ def pixel_errors(slide_id: str, path: str | os.PathLike, plain_image: bool = Fal
             problem = f"pixel data cannot be read ({msg})"
             fix = "the file is damaged: re-copy or re-export it from the scanner"
         raise SlideError(slide_id, path, problem, fix) from None
-
-
-@contextlib.contextmanager
-def one_line_errors(log: logging.Logger, on_bad_slide: str = "fail", stage: str = "",
-                    exclude: Callable[[dict], None] | None = None,
-                    also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
-    """For rule scripts: log a SlideError (or an exception of a type in ``also``) as its one line
-    and exit 1 (no traceback in the log).
-
-    With ``on_bad_slide="skip"`` and ``exclude``, a SlideError instead excludes the slide (config
-    ``on_bad_slide``, :mod:`slidesnake.exclusion`): it is logged as a warning, ``exclude(record)``
-    writes the stage's outputs marked with ``record = {"stage": stage, "reason", "fix"}``, and the
-    script goes on after the ``with`` block.
-    """
-    try:
-        yield
-    except SlideError as err:
-        if on_bad_slide == "skip" and exclude is not None:
-            from slidesnake.exclusion import from_error, log_excluded
-
-            rec = from_error(stage, err)
-            log_excluded(log, err.slide_id, err.path, rec)
-            exclude(rec)
-            return
-        log.error("%s", err)
-        raise SystemExit(1) from None
-    except also as err:
-        log.error("%s", " ".join(str(err).split()))
-        raise SystemExit(1) from None

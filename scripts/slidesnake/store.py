@@ -24,6 +24,7 @@ from typing import Mapping
 import numpy as np
 import zarr
 
+from slidesnake.geometry import mag_label, parent_indices
 from slidesnake.io import atomic_path
 
 SCHEMA_VERSION = 2  # 2: parent_<m>x arrays
@@ -31,27 +32,21 @@ ARRAYS = ("features", "coords", "size", "grid", "tile_id")
 _DTYPES = {"coords": "int64", "size": "int64", "grid": "int32", "tile_id": "int64"}
 
 
-def mag_key(magnification: float) -> str:
-    """Group name of a magnification: 20.0 -> '20x', 2.5 -> '2.5x'."""
-    return f"{float(magnification):g}x"
-
-
 def parent_key(coarse_magnification: float) -> str:
     """Name of the array (in a finer group) of parent rows in the ``coarse_magnification`` group."""
-    return f"parent_{mag_key(coarse_magnification)}"
+    return f"parent_{mag_label(coarse_magnification)}"
 
 
 def _write_parents(root: zarr.Group, mags) -> None:
     """In every group, ``parent_<c>x`` for every coarser magnification ``c`` of the store, from the
-    groups' level-0 coords and size (:func:`slidesnake.tiling.parent_indices`)."""
-    from slidesnake.tiling import parent_indices
+    groups' level-0 coords and size (:func:`slidesnake.geometry.parent_indices`)."""
 
     mags = sorted(float(m) for m in mags)
-    boxes = {m: (root[mag_key(m)]["coords"][...], root[mag_key(m)]["size"][...]) for m in mags}
+    boxes = {m: (root[mag_label(m)]["coords"][...], root[mag_label(m)]["size"][...]) for m in mags}
     for i, coarse in enumerate(mags):
         for fine in mags[i + 1:]:
             parents = parent_indices(*boxes[fine], *boxes[coarse])
-            g = root[mag_key(fine)]
+            g = root[mag_label(fine)]
             chunks = g["tile_id"].chunks
             g.create_array(parent_key(coarse), shape=parents.shape, dtype="int64",
                            chunks=chunks, overwrite=True)[...] = parents
@@ -72,7 +67,7 @@ def write_store(
              "magnifications": [float(m) for m in groups]}
         )
         for mag, arrays in groups.items():
-            g = root.create_group(mag_key(mag))
+            g = root.create_group(mag_label(mag))
             n = int(len(arrays["features"]))
             g.attrs.update({"magnification": float(mag), "n_tiles": n})
             for name in ARRAYS:
@@ -124,7 +119,7 @@ class StoreWriter:
         self.root.attrs.update({**self._attrs, "schema_version": SCHEMA_VERSION,
                                 "magnifications": list(self._n)})
         for mag, n in self._n.items():
-            g = self.root.create_group(mag_key(mag))
+            g = self.root.create_group(mag_label(mag))
             g.attrs.update({"magnification": mag, "n_tiles": n})
             rows = max(1, min(max(n, 1), self._chunk_rows))
             g.create_array("features", shape=(n, self._dim), dtype=self._dtype, chunks=(rows, self._dim))
@@ -134,13 +129,13 @@ class StoreWriter:
         return self
 
     def write(self, mag: float, start: int, features: np.ndarray) -> None:
-        self.root[mag_key(mag)]["features"][start:start + len(features)] = features.astype(self._dtype)
+        self.root[mag_label(mag)]["features"][start:start + len(features)] = features.astype(self._dtype)
 
     def set(self, mag: float, name: str, values: np.ndarray) -> None:
-        self.root[mag_key(mag)][name][...] = np.asarray(values, dtype=_DTYPES[name])
+        self.root[mag_label(mag)][name][...] = np.asarray(values, dtype=_DTYPES[name])
 
     def group_attrs(self, mag: float, **attrs) -> None:
-        self.root[mag_key(mag)].attrs.update(attrs)
+        self.root[mag_label(mag)].attrs.update(attrs)
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
@@ -177,7 +172,7 @@ class FeatureStore:
             if len(mags) != 1:
                 raise ValueError(f"{self.path}: store has magnifications {mags}; pass one")
             mag = mags[0]
-        return self.root[mag_key(mag)][name][...]
+        return self.root[mag_label(mag)][name][...]
 
     def features(self, mag: float | None = None) -> np.ndarray:
         return self._get(mag, "features").astype(np.float32)
@@ -207,11 +202,10 @@ class FeatureStore:
         fine, coarse = self._mag(fine_mag), self._mag(coarse_mag)
         if not fine > coarse:
             raise ValueError(f"parents: {fine_mag:g}x must be finer than {coarse_mag:g}x")
-        group = self.root[mag_key(fine)]
+        group = self.root[mag_label(fine)]
         if parent_key(coarse) in group:
             return group[parent_key(coarse)][...]
-        from slidesnake.tiling import parent_indices
-
+    
         return parent_indices(self.coords(fine), self.size(fine), self.coords(coarse), self.size(coarse))
 
     def _mag(self, mag: float) -> float:

@@ -31,6 +31,7 @@ from slidesnake.bags import (ExcludedBag, NonFiniteLossError, case_rows, check_b
                              map_features, stores_by_slide, to_device)
 from slidesnake.evaluate import auc_score
 from slidesnake.io import atomic_path
+from slidesnake.devices import resolve_device
 from slidesnake.models import MILModel, MILOutput, create_model, get_model_class
 from slidesnake.splits import check_splits
 
@@ -134,12 +135,6 @@ def _standardise(bag, mean: torch.Tensor, std: torch.Tensor, device: torch.devic
 
 
 # ------------------------------------------------------------------------------------ training
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
 
 def _class_weights(spec, y_train: np.ndarray, classes: list[str], log: logging.Logger) -> np.ndarray:
     k = len(classes)
@@ -282,7 +277,7 @@ def train_fold(
     if parts["val"].empty:
         log.warning("fold %d: no validation slide with a non-empty bag; early stopping on training loss", fold)
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     mean, std = _feature_stats([np.asarray(a) for s in parts["train"]["slide_id"] for a in feature_arrays(bags[s])],
