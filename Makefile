@@ -8,14 +8,15 @@ DEMO_MULTISTAIN ?= resources/demo_multistain
 DEMO_PREDICT ?= resources/demo_predict
 XDG_CONFIG_HOME ?= $(HOME)/.config
 
-.PHONY: demo demo-data test lint dry-run report clean help slurm-profile demo-cma demo-multistain demo-multistain-data predict-demo predict-demo-data bench-features bench-tiling bench-dag
+.PHONY: demo demo-data test test-fast lint dry-run report clean help slurm-profile demo-cma demo-multistain demo-multistain-data predict-demo predict-demo-data bench-features bench-tiling bench-dag
 
 help:
 	@echo "make demo   - create $(VENV), generate the demo cohort, run the whole pipeline on it"
 	@echo "make demo-cma        - the demo cohort with cma_mil at 5x/10x/20x (results/demo_cma)"
 	@echo "make demo-multistain - a multi-stain (HE + IHC) demo cohort with hier_multistain (results/demo_multistain)"
 	@echo "make predict-demo - after make demo: its fold models predict new demo slides (results/predict/demo_new)"
-	@echo "make test   - create $(VENV) with test extras and run the test suite"
+	@echo "make test   - create $(VENV) with test extras and run the whole test suite (CI)"
+	@echo "make test-fast - unit tests and the one shared small end-to-end run (pytest -m 'not slow'), for the edit-test loop"
 	@echo "make lint   - snakemake --lint on the demo configuration"
 	@echo "make bench-features - feature extraction vs the backbone alone and a naive loader (BENCH_ARGS='--size 8000' for a quick run)"
 	@echo "make bench-tiling - tiling + tissue filtering of a 100k x 100k px slide: time, tiles/s, peak memory"
@@ -52,8 +53,14 @@ predict-demo-data: $(BIN)/.installed
 predict-demo: demo predict-demo-data
 	$(BIN)/snakemake --configfile config/demo.yaml config/predict_demo.yaml --cores $(CORES) predict
 
+# The whole suite (CI: .ci/run adds PYTEST_ARGS=--durations=30), and its fast tier: everything but
+# the tests marked slow (further end-to-end runs, digit-bag benchmarks; see pyproject's markers).
+PYTEST_ARGS ?=
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
 
 # Feature extraction benchmark (docs/benchmarks.md): builds a 60k x 60k synthetic slide once under
 # results/bench/, runs on CUDA when present, else CPU. E.g. BENCH_ARGS='--backbone resnet18_trunc --repeats 3'.

@@ -119,8 +119,8 @@ def bad_slides(good: pd.DataFrame, bad_dir: Path) -> dict[str, Path]:
 # ------------------------------------------------------------------------------ the two runs
 
 def _error_lines(work: Path, sid: str) -> tuple[list[str], str]:
-    logs = [work / "logs" / "tile" / f"{sid}.log", work / "logs" / "filter_tissue" / f"{sid}.log",
-            work / "logs" / "extract_features" / BB / f"{sid}.log"]
+    logs = [work / "results/logs/tile" / f"{sid}.log", work / "results/logs/filter_tissue" / f"{sid}.log",
+            work / "results/logs/extract_features" / BB / f"{sid}.log"]
     text = "\n".join(p.read_text() for p in logs if p.exists())
     return [line for line in text.splitlines() if " ERROR " in line], text
 
@@ -168,6 +168,7 @@ def runs(good_cohort, tmp_path_factory):
                 missing=missing, skip=skip, good_mtimes=good_mtimes)
 
 
+@pytest.mark.slow
 def test_fail_mode_one_line_per_bad_slide_and_good_slides_finish(runs):
     work, fail = runs["work"], runs["fail"]
     assert fail.returncode != 0
@@ -188,12 +189,14 @@ def test_fail_mode_one_line_per_bad_slide_and_good_slides_finish(runs):
         print(f"{sid}: {errors[0].split(' ERROR ', 1)[1]}")
 
 
+@pytest.mark.slow
 def test_fail_mode_missing_file_is_a_sheet_error(runs):
     out = runs["missing"].stdout + runs["missing"].stderr
     assert runs["missing"].returncode != 0
     assert "slide 'VANISH'" in out and "not found" in out, out[-3000:]
 
 
+@pytest.mark.slow
 def test_skip_mode_completes_and_lists_every_bad_slide(runs):
     work, skip = runs["work"], runs["skip"]
     assert skip.returncode == 0, skip.stderr[-6000:]
@@ -210,6 +213,7 @@ def test_skip_mode_completes_and_lists_every_bad_slide(runs):
     print("\n" + table[["slide_id", "stage", "reason"]].to_string(index=False))
 
 
+@pytest.mark.slow
 def test_skip_mode_keeps_every_good_slide(runs):
     work, good = runs["work"], runs["good"]
     # the good slides' jobs of the fail run were not rerun
@@ -234,6 +238,7 @@ def test_skip_mode_keeps_every_good_slide(runs):
     assert slides.loc["VANISH", "reason"] == "tile: file not found"
 
 
+@pytest.mark.slow
 def test_skip_mode_marks_outputs_and_placeholders(runs):
     work = runs["work"]
     res = work / "results"

@@ -11,11 +11,15 @@ import os
 import re
 import sys
 
+import pytest
+
 from conftest import REPO
 from test_workflow import job_counts, snakemake
 
 sys.path.insert(0, str(REPO / "scripts" / "bench"))
 from bench_dag import K, make_placeholder_cohort  # noqa: E402
+
+pytestmark = pytest.mark.slow  # left out of make test-fast
 
 N = 300
 

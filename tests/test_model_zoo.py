@@ -345,6 +345,7 @@ def digits():
     return digit_bags()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BENCHMARK))
 def test_digit_bags_benchmark(name, digits, record_property):
     bags, inst, splits = digits

@@ -11,6 +11,8 @@ import pytest
 from test_reruns import copy_run, edit_config
 from test_workflow import K, snakemake
 
+pytestmark = pytest.mark.slow  # left out of make test-fast
+
 FEATURES_RULES = ("tile", "filter_tissue", "extract_features")
 
 

@@ -177,6 +177,7 @@ def _tree_state(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_predict_target_on_new_slides_leaves_the_trained_run_alone(small_run, tmp_path):
     import time
 

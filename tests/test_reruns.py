@@ -19,6 +19,8 @@ import yaml
 
 from test_workflow import K, job_counts, snakemake
 
+pytestmark = pytest.mark.slow  # left out of make test-fast
+
 PER_SLIDE = ("tile", "filter_tissue", "extract_features")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import runpy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,13 +14,13 @@ from sklearn.metrics import roc_auc_score
 from slidesnake.bags import CaseBag, MultiscaleBag, case_rows, multiscale_bag
 from slidesnake.demo import HEScene, cohort_specs
 from slidesnake.models import create_model
+from slidesnake.stages import train_job
 from slidesnake.store import write_store
 from digit_bags import CLASSES, MAGS, case_digit_bags, multiscale_digit_bags, nested_groups
 from slidesnake.training import load_bags, load_checkpoint, predict_bag, predict_output, save_checkpoint, train_fold
 
 # float() of attention / loss tensors that still carry their graph (backward is taken afterwards)
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -209,6 +208,7 @@ def _bag_auc(res, n_test):
     return roc_auc_score(test["label"] == "nine", test["prob_nine"]), test
 
 
+@pytest.mark.slow
 def test_multiscale_digits_benchmark(record_property):
     torch.set_num_threads(1)
     bags, inst, splits = multiscale_digit_bags()
@@ -232,6 +232,7 @@ def test_multiscale_digits_benchmark(record_property):
     assert len(res.history) <= 15  # the work is bounded in epochs (time: scripts/bench/bench_digit_bags.py)
 
 
+@pytest.mark.slow
 def test_case_digits_benchmark(record_property):
     torch.set_num_threads(1)
     bags, inst, splits = case_digit_bags()
@@ -330,16 +331,10 @@ def test_train_script_and_checkpoint(tmp_path, model, kwargs):
     splits_csv = tmp_path / "splits.csv"
     splits.to_csv(splits_csv, index=False)
     out = tmp_path / "models" / model / "fold_0"
-    sm = SimpleNamespace(
-        input=SimpleNamespace(splits=str(splits_csv), features=stores, samples=str(tmp_path / "samples.tsv")),
-        output=SimpleNamespace(model=str(out / "model.pt"), history=str(out / "history.csv"),
-                               predictions=str(out / "predictions.csv")),
-        params=SimpleNamespace(fold=0, model=model, model_kwargs=kwargs, classes=["normal", "tumour"],
-                               magnification=20, magnifications=[5, 10, 20],
-                               training={"epochs": 2, "lr": 1e-3, "device": "cpu"}),
-        threads=1, log=[str(tmp_path / "logs" / "train.log")],
-    )
-    runpy.run_path(str(SCRIPTS / "train.py"), init_globals={"snakemake": sm})
+    train_job(features=stores, splits=splits_csv, samples=tmp_path / "samples.tsv", fold=0,
+              classes=["normal", "tumour"], model=model, model_kwargs=kwargs, magnification=20,
+              magnifications=[5, 10, 20], training={"epochs": 2, "lr": 1e-3, "device": "cpu"},
+              out_model=out / "model.pt", out_history=out / "history.csv", out_predictions=out / "predictions.csv")
     pred = pd.read_csv(out / "predictions.csv", dtype=str)
     units = sheet["slide_id"] if model == "cma_mil" else sheet["patient_id"].drop_duplicates()
     assert sorted(pred["slide_id"]) == sorted(units)

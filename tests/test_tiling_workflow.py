@@ -15,6 +15,8 @@ from slidesnake.store import open_store
 from conftest import shared_slide
 from test_workflow import snakemake
 
+pytestmark = pytest.mark.slow  # left out of make test-fast
+
 GOOD = {"CMU": ("real/aperio/CMU-1-Small-Region.svs", "tumour", ""),
         "TCGA": ("real/aperio/tcga-cr-7395-01a-01-ts1.svs", "normal", "0.5")}  # no MPP: sheet override
 BAD = {"BAD1": ("bad/openslide-python/unopenable.tiff", "tumour", ""),    # does not open
@@ -57,7 +59,7 @@ def test_bad_slides_fail_with_one_line_and_the_rest_completes(cohort):
                     f"qc/{sid}/thumbnail.png", f"qc/{sid}/tissue.geojson", f"qc/{sid}/qc.json"):
             assert (res / out).stat().st_size > 0, out
     for sid, why in (("BAD1", "cannot be opened"), ("BAD2", "pixel data cannot be read")):
-        log = (work / "logs" / "tile" / f"{sid}.log").read_text()
+        log = (work / "results/logs/tile" / f"{sid}.log").read_text()
         errors = [line for line in log.splitlines() if " ERROR " in line]
         assert len(errors) == 1 and f"slide '{sid}'" in errors[0] and why in errors[0], log
         assert "Traceback" not in log

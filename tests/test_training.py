@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import runpy
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -13,11 +10,11 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from slidesnake.stages import train_job
 from slidesnake.training import (load_bags, load_checkpoint, predict_bag, save_checkpoint, train_fold,
                                  _class_weights)
 from digit_bags import CLASSES, digit_bags
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 @pytest.fixture(scope="module")
@@ -175,16 +172,18 @@ def test_train_script_on_zarr_stores(tmp_path):
     splits_csv = tmp_path / "splits.csv"
     pd.concat([splits.assign(fold=0), splits.assign(fold=1)]).to_csv(splits_csv, index=False)
     out = tmp_path / "models" / "abmil" / "fold_0"
-    sm = SimpleNamespace(
-        input=SimpleNamespace(splits=str(splits_csv), features=stores),
-        output=SimpleNamespace(model=str(out / "model.pt"), history=str(out / "history.csv"),
-                               predictions=str(out / "predictions.csv")),
-        params=SimpleNamespace(fold=0, model="abmil", model_kwargs={"hidden": 8}, classes=["neg", "pos"],
-                               magnification=20,
-                               training={"epochs": 2, "lr": 1e-3, "device": "cpu", "class_weights": "auto"}),
-        threads=1, log=[str(tmp_path / "logs" / "train.log")],
-    )
-    runpy.run_path(str(SCRIPTS / "train.py"), init_globals={"snakemake": sm})
+    log = logging.getLogger("test_train_job")
+    log.setLevel(logging.INFO)
+    (tmp_path / "logs").mkdir()
+    handler = logging.FileHandler(tmp_path / "logs" / "train.log")
+    log.addHandler(handler)
+    train_job(features=stores, splits=splits_csv, samples=None, fold=0, classes=["neg", "pos"], model="abmil",
+              model_kwargs={"hidden": 8}, magnification=20,
+              training={"epochs": 2, "lr": 1e-3, "device": "cpu", "class_weights": "auto"},
+              out_model=out / "model.pt", out_history=out / "history.csv", out_predictions=out / "predictions.csv",
+              log=log)
+    log.removeHandler(handler)
+    handler.close()
     hist = pd.read_csv(out / "history.csv")
     assert len(hist) == 2
     pred = pd.read_csv(out / "predictions.csv")

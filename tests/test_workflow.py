@@ -1,4 +1,5 @@
-"""End-to-end Snakemake runs on a tiny generated cohort (and on a real slide from ../shared)."""
+"""End-to-end Snakemake runs: the shared small run (tests/smallrun.py) checked and extended, and a
+real slide from ../shared. (`snakemake --lint`: tests/test_conventions.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from slidesnake.demo import make_cohort
 from slidesnake.store import open_store
 from conftest import REPO
 
@@ -41,15 +41,19 @@ def write_config(workdir: Path, **overrides) -> None:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("e2e")
-    # Paths in the sheet are relative to the working directory, as a user's would be.
-    sheet = make_cohort(workdir / "cohort", n_patients=6, size=1600, seed=3)
-    sheet["path"] = [str(Path(p).relative_to(workdir)) for p in sheet["path"]]
-    sheet.to_csv(workdir / "cohort" / "samples.tsv", sep="\t", index=False)
-    write_config(workdir)
-    dry = snakemake(workdir, "-n")
-    snakemake(workdir, "--cores", "2")
+def run(small_run, tmp_path_factory):
+    """The shared small run (tests/smallrun.py), copied: the tests below add targets to it. The dry
+    run is of the same cohort and config before anything ran."""
+    import shutil
+
+    from smallrun import make_small_cohort
+
+    fresh = tmp_path_factory.mktemp("e2e_plan")
+    make_small_cohort(fresh)
+    dry = snakemake(fresh, "-n")
+    workdir = tmp_path_factory.mktemp("e2e") / "run"
+    shutil.copytree(small_run, workdir, symlinks=True)
+    sheet = pd.read_csv(workdir / "cohort" / "samples.tsv", sep="\t", dtype=str)
     return workdir, sheet, dry.stdout + dry.stderr
 
 
@@ -86,8 +90,8 @@ def test_every_output_present_and_well_formed(run):
         assert store.attrs["backbone"] == "resnet18_trunc" and store.attrs["weights"] == "none"
         assert (res / "qc" / sid / "thumbnail.png").stat().st_size > 0
         assert (res / "heatmaps" / "abmil" / f"{sid}.png").stat().st_size > 10_000
-        assert (workdir / "logs" / "tile" / f"{sid}.log").exists()
-        assert (workdir / "benchmarks" / "tile" / f"{sid}.tsv").exists()
+        assert (res / "logs" / "tile" / f"{sid}.log").exists()
+        assert (res / "benchmarks" / "tile" / f"{sid}.tsv").exists()
     # No temporary leftovers anywhere.
     assert not [p for p in res.rglob(".tmp-*")]
 
@@ -116,12 +120,6 @@ def test_rerun_does_nothing(run):
     assert "Nothing to be done" in out.stdout + out.stderr
 
 
-def test_lint_is_clean(run):
-    workdir, _, _ = run
-    out = snakemake(workdir, "--lint")
-    assert "Congratulations" in out.stdout + out.stderr
-
-
 def _report_entry(html: str, path: str) -> bytes:
     """The content of ``path`` as embedded (a base64 data URI) in a Snakemake HTML report."""
     import base64
@@ -132,6 +130,7 @@ def _report_entry(html: str, path: str) -> bytes:
     return base64.b64decode(m.group(1))
 
 
+@pytest.mark.slow
 def test_report_has_the_summary_tables_and_heatmaps(run):
     workdir, sheet, _ = run
     snakemake(workdir, "--report", "report.html")
@@ -186,6 +185,7 @@ def test_heatmap_tile_scores_exports_and_localisation(run):
     assert 0 <= loc["auc"].iloc[-1] <= 1
 
 
+@pytest.mark.slow
 def test_real_slide_tiles_and_extracts(tmp_path, cmu_small):
     (tmp_path / "samples.tsv").write_text(
         "slide_id\tpatient_id\tlabel\tpath\n"

@@ -189,15 +189,12 @@ def predict_sheet_bags(stores: Sequence[str | os.PathLike], sheet: pd.DataFrame,
     """The bags a checkpoint reads for the slides of a predict sheet (every slide with a store), built
     as in training: its ``bag_type`` at its ``magnification`` / ``magnifications``."""
     from slidesnake.models import get_model_class
-    from slidesnake.training import load_bags
+    from slidesnake.stages import model_bags
 
     bag_type = ckpt.get("bag_type") or get_model_class(ckpt["model_name"]).bag_type
-    mag = ckpt.get("magnification")
-    mags = ckpt.get("magnifications")
-    ids = [str(s) for s in sheet["slide_id"]]
-    return load_bags(list(stores), None if mag is None else float(mag), ids, log=log, bag_type=bag_type,
-                     magnifications=[float(m) for m in mags] if mags else None,
-                     samples=sheet if bag_type == "hierarchical" else None)
+    return model_bags(stores, [str(s) for s in sheet["slide_id"]], bag_type=bag_type,
+                      magnification=ckpt.get("magnification"), magnifications=ckpt.get("magnifications"),
+                      samples=sheet, log=log)
 
 
 __all__ = ["ensemble_predictions", "models_table", "model_record", "fold_checkpoints",
