@@ -1,5 +1,6 @@
 """Snakemake script of rule `excluded_table`: every slide left out of training -> results/qc/excluded.tsv."""
 
+from slidesnake.bagkinds import bag_kind
 from slidesnake.bags import stores_by_slide
 from slidesnake.exclusion import excluded_table
 from slidesnake.io import setup_logging, write_table
@@ -12,8 +13,8 @@ log = setup_logging(sm.log[0])
 samples = read_sheet(sm.input.samples)
 stores = {sid: open_store(path) for sid, path in stores_by_slide(sm.input.stores).items()}
 # the magnifications the model reads: all of training.magnifications for multiscale models
-multiscale = get_model_class(sm.params.model).bag_type == "multiscale"
-mags = [float(m) for m in sm.params.magnifications] if multiscale else [float(sm.params.magnification)]
+kind = bag_kind(get_model_class(sm.params.model).bag_type)
+mags = kind.read_magnifications(sm.params.magnification, sm.params.magnifications)
 table = excluded_table(samples, stores, mags)
 write_table(table, sm.output.table)
 log.info("%d of %d slides excluded", len(table), len(samples))

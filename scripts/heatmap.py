@@ -1,9 +1,9 @@
 """Snakemake script of rules `heatmap` (out-of-fold attention of one slide over its thumbnail) and
 `predict_heatmap` (a new slide: no splits input, the fold ensemble's attention):
-slidesnake.stages.heatmap_job."""
+slidesnake.heatmap_stage.heatmap_job."""
 
 from slidesnake.io import setup_logging
-from slidesnake.stages import HeatmapOutputs, HeatmapSettings, heatmap_job
+from slidesnake.heatmap_stage import HeatmapOutputs, HeatmapSettings, heatmap_job
 
 sm = snakemake  # noqa: F821
 p = sm.params

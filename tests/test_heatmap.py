@@ -198,3 +198,50 @@ def test_uniform_scale_is_comparable_across_slides():
                                relative_to_uniform(np.array([1, 3.0]) * 7)[[0, 0, 1, 1]])
     with pytest.raises(ValueError, match="heatmap.scale"):
         scale_attention(flat, "cohort")
+
+
+def _heatmap_settings(**overrides):
+    """The settings of config/config.yaml's heatmap section, as rule heatmap passes them."""
+    import yaml
+
+    from conftest import REPO
+    from slidesnake.heatmap_stage import HeatmapSettings
+
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    h, t = cfg["heatmap"], cfg["training"]
+    kw = dict(magnification=t["magnification"], magnifications=t.get("magnifications"),
+              thumbnail_size=h["thumbnail_size"], alpha=h["alpha"], cmap=h["cmap"],
+              percentiles=(h["low_percentile"], h["high_percentile"]), scale=h["scale"],
+              uniform_range=h["uniform_range"], smooth_sigma=h["smooth_sigma"], top_k=h["top_k"],
+              patch_predictions=h["patch_predictions"])
+    return HeatmapSettings(**{**kw, **overrides})
+
+
+@pytest.mark.parametrize("scale", ["slide", "uniform"])
+def test_heatmap_job_is_the_rule_and_titles_its_scale(small_run, tmp_path, monkeypatch, scale):
+    """slidesnake.heatmap_stage.heatmap_job called from Python on the shared small run: with the run's
+    settings it writes the rule's tile table; the single attention panel names the scale in use
+    (under scale: uniform it was titled "percentile-normalised" too)."""
+    import slidesnake.io
+    from slidesnake.heatmap_stage import HeatmapOutputs, heatmap_job
+
+    res = small_run / "results"
+    sheet = pd.read_csv(small_run / "cohort" / "samples.tsv", sep="\t", dtype=str)
+    sid, path = sheet["slide_id"].iloc[0], small_run / sheet["path"].iloc[0]
+    figures = {}
+    save = slidesnake.io.save_figure
+    monkeypatch.setattr(slidesnake.io, "save_figure",
+                        lambda fig, p, **kw: (figures.__setitem__(p, fig), save(fig, p, **kw)))
+    out = HeatmapOutputs(*(tmp_path / f"{sid}{s}" for s in (".png", ".tiles.csv", ".geojson", ".top_tiles.png")))
+    heatmap_job(slide=path, store=res / "features" / "resnet18_trunc" / f"{sid}.zarr",
+                models=sorted(str(p) for p in (res / "models" / "abmil").glob("fold_*/model.pt")),
+                slide_id=sid, splits=res / "splits" / "splits.csv", samples=small_run / "cohort" / "samples.tsv",
+                settings=_heatmap_settings(scale=scale), outputs=out)
+    got = pd.read_csv(out.tiles)
+    rule = pd.read_csv(res / "heatmaps" / "abmil" / f"{sid}.tiles.csv")
+    pd.testing.assert_frame_equal(got.drop(columns="attention_norm"), rule.drop(columns="attention_norm"))
+    if scale == "slide":
+        pd.testing.assert_frame_equal(got, rule)
+    panel = figures[out.png].axes[1].get_title()
+    assert panel == ("attention (percentile-normalised)" if scale == "slide"
+                     else "attention (relative to uniform, log scale, 1/4x to 4x)")

@@ -270,61 +270,12 @@ def load_structured_bags(
 
     ``stores`` maps slide_id -> store path and must cover ``slide_ids``.
     """
-    from slidesnake.store import open_store
+    from slidesnake.bagkinds import bag_kind
 
-    log = log or _log
-    if bag_type == "multiscale":
-        if not magnifications or len(magnifications) < 2:
-            raise ValueError(f"multiscale bags need at least two magnifications "
-                             f"(config training.magnifications); got {magnifications}")
-        bags = {}
-        for sid in slide_ids:
-            store = open_store(stores[sid])
-            if reason := excluded_reason(store):
-                log.warning("slide %s %s; left out of training", sid, reason)
-                bags[sid] = ExcludedBag(reason)
-                continue
-            bags[sid] = multiscale_bag(store, magnifications)
-            for m, a in bags[sid].features.items():
-                check_finite(a, sid, stores[sid], m)
-        for sid, bag in bags.items():
-            if isinstance(bag, ExcludedBag):
-                continue
-            missing = {f"{f:g}x->{c:g}x": int((np.asarray(p) < 0).sum()) for (f, c), p in bag.parents.items()}
-            log.debug("%s: tiles %s; tiles without parent %s", sid,
-                      {f"{m:g}x": len(a) for m, a in bag.features.items()}, missing)
-        log.info("read %d multiscale bags at %s (%s tiles in all)", len(bags),
-                 ", ".join(f"{m:g}x" for m in sorted(float(m) for m in magnifications)),
-                 sum(n_instances(b) for b in bags.values()))
-        return bags
-    if bag_type == "hierarchical":
-        if samples is None:
-            raise ValueError("hierarchical (case) bags need the sample sheet (patient_id and stain columns)")
-        sheet = samples.reset_index(drop=True)
-        sheet = sheet.assign(slide_id=sheet["slide_id"].astype(str), patient_id=sheet["patient_id"].astype(str))
-        unknown = sorted(set(map(str, slide_ids)) - set(sheet["slide_id"]))
-        if unknown:
-            raise KeyError(f"slide(s) {unknown[:10]} not in the sample sheet")
-        stain = slide_stains(sheet)
-        patient = dict(zip(sheet["slide_id"], sheet["patient_id"]))
-        feats = {}
-        for sid in slide_ids:
-            store = open_store(stores[sid])
-            if reason := excluded_reason(store):
-                feats[sid] = ExcludedBag(reason)
-                continue
-            mag = _resolve_mags(store, [magnification])[0] if magnification is not None else None
-            feats[sid] = store.features(mag)
-            check_finite(feats[sid], sid, stores[sid], mag)
-        by_case: dict[str, list[tuple[str, str]]] = {}
-        for sid in slide_ids:
-            by_case.setdefault(patient[str(sid)], []).append((str(sid), stain[str(sid)]))
-        bags = {pid: case_bag(pid, slides, feats, log) for pid, slides in by_case.items()}
-        n_slides = sum(len(ids) for b in bags.values() for ids in b.slide_ids.values())
-        log.info("read %d case bags: %d slides, stains %s (%s tiles in all)", len(bags), n_slides,
-                 sorted({s for b in bags.values() for s in b.stains}), sum(n_instances(b) for b in bags.values()))
-        return bags
-    raise ValueError(f"load_structured_bags builds 'multiscale' or 'hierarchical' bags, not {bag_type!r}")
+    if bag_type not in ("multiscale", "hierarchical"):
+        raise ValueError(f"load_structured_bags builds 'multiscale' or 'hierarchical' bags, not {bag_type!r}")
+    return bag_kind(bag_type).load(stores, slide_ids, magnification=magnification, magnifications=magnifications,
+                                   samples=samples, log=log or _log)
 
 
 def stores_by_slide(stores: Sequence[str | os.PathLike]) -> dict[str, Path]:

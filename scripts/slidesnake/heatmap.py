@@ -118,23 +118,10 @@ def heatmap_bag(bag_type: str, store, *, magnification: float | None = None, mag
     skips such slides); hierarchical -- the case bag of the slide's patient (all of its slides:
     ``case_stores``, with patient and stain from ``samples``), ``None`` when the case has no tile.
     """
-    from slidesnake.bags import empty_reason, load_structured_bags, multiscale_bag, stores_by_slide
+    from slidesnake.bagkinds import bag_kind
 
-    if bag_type == "flat":
-        return store.features(magnification), {magnification: (store.coords(magnification), store.size(magnification))}
-    if bag_type == "multiscale":
-        bag = multiscale_bag(store, magnifications)
-        boxes = {m: (store.coords(m), store.size(m)) for m in bag.magnifications}
-        return (None if empty_reason(bag) else bag), boxes
-    if bag_type == "hierarchical":
-        by_id = stores_by_slide(case_stores)
-        sheet = samples.reset_index(drop=True)
-        patient = str(sheet.loc[sheet["slide_id"].astype(str) == str(slide_id), "patient_id"].iloc[0])
-        ids = [s for s in sheet.loc[sheet["patient_id"].astype(str) == patient, "slide_id"].astype(str) if s in by_id]
-        bag = load_structured_bags(by_id, "hierarchical", ids, magnification=magnification, samples=sheet)[patient]
-        boxes = {magnification: (store.coords(magnification), store.size(magnification))}
-        return (None if empty_reason(bag) else bag), boxes
-    raise ValueError(f"unknown bag_type {bag_type!r}")
+    return bag_kind(bag_type).heatmap_bag(store, magnification=magnification, magnifications=magnifications,
+                                          slide_id=slide_id, case_stores=case_stores, samples=samples)
 
 
 def attention_layers(output, bag_type: str, magnification: float | None = None,
@@ -142,15 +129,9 @@ def attention_layers(output, bag_type: str, magnification: float | None = None,
     """The slide's attention per magnification from a model output: flat -- ``attention``;
     multiscale -- ``extras["attention"]`` (every magnification); hierarchical -- the slide's own
     patch attention ``extras["patch_attention"][slide_id]`` (empty when the slide had no tile)."""
-    def arr(t):
-        return t.detach().float().cpu().numpy()
+    from slidesnake.bagkinds import bag_kind
 
-    if bag_type == "flat":
-        return {magnification: arr(output.attention)}
-    if bag_type == "multiscale":
-        return {float(m): arr(a) for m, a in output.extras["attention"].items()}
-    att = output.extras["patch_attention"].get(slide_id)
-    return {} if att is None else {magnification: arr(att)}
+    return bag_kind(bag_type).attention_layers(output, magnification, slide_id)
 
 
 def instance_scores(model, output) -> np.ndarray | None:
@@ -169,15 +150,10 @@ def instance_scores(model, output) -> np.ndarray | None:
 
 
 def case_weights(output, slide_id: str | None = None) -> list[tuple[str, float, bool]]:
-    """Bars of a hierarchical output: ``(label, weight, is_this_slide)`` for every stain (its stain
-    weight) followed by its slides (slice weight within the stain)."""
-    bars = []
-    ex = output.extras
-    for k, stain in enumerate(ex["stains"]):
-        bars.append((f"stain {stain}", float(ex["stain_attention"][k]), False))
-        for sid, w in zip(ex["slice_ids"][stain], ex["slice_attention"][stain]):
-            bars.append((f"  {sid}", float(w), sid == slide_id))
-    return bars
+    """Bars of a hierarchical output (:meth:`slidesnake.bagkinds.HierarchicalKind.bars`)."""
+    from slidesnake.bagkinds import bag_kind
+
+    return bag_kind("hierarchical").bars(output, slide_id)
 
 
 def render_panels(thumbnail, maps: dict, *, alpha: float = 0.5, cmap: str = "jet", title: str = "",

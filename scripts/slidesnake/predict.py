@@ -149,7 +149,9 @@ def ensemble_predictions(model_paths: Sequence[str | os.PathLike], bags: Mapping
 def supports_patch_predictions(model) -> bool:
     """Whether a tile alone is a bag the model reads: flat models (a multiscale bag needs every
     magnification, a case bag a patient's slides)."""
-    return getattr(model, "bag_type", "flat") == "flat"
+    from slidesnake.bagkinds import bag_kind
+
+    return bag_kind(getattr(model, "bag_type", "flat")).scores_single_tiles
 
 
 def patch_probabilities(model, ckpt: Mapping, features, *, chunk_size: int = 4096) -> np.ndarray:
@@ -189,7 +191,7 @@ def predict_sheet_bags(stores: Sequence[str | os.PathLike], sheet: pd.DataFrame,
     """The bags a checkpoint reads for the slides of a predict sheet (every slide with a store), built
     as in training: its ``bag_type`` at its ``magnification`` / ``magnifications``."""
     from slidesnake.models import get_model_class
-    from slidesnake.stages import model_bags
+    from slidesnake.bagkinds import model_bags
 
     bag_type = ckpt.get("bag_type") or get_model_class(ckpt["model_name"]).bag_type
     return model_bags(stores, [str(s) for s in sheet["slide_id"]], bag_type=bag_type,

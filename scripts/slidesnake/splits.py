@@ -218,3 +218,8 @@ def fixed_test_set(df: pd.DataFrame) -> set[str] | None:
     if len(tests) < 2 or not tests[0] or any(t != tests[0] for t in tests):
         return None
     return set(tests[0])
+
+
+def read_splits(path) -> pd.DataFrame:
+    """``splits.csv`` with its ids and labels as strings."""
+    return pd.read_csv(path, dtype={"slide_id": str, "patient_id": str, "label": str})

@@ -26,9 +26,9 @@ import pandas as pd
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from slidesnake.bags import (ExcludedBag, NonFiniteLossError, case_rows, check_bag_type, check_finite,
-                             empty_reason, excluded_reason, feature_arrays, feature_dims, load_structured_bags,
-                             map_features, stores_by_slide, to_device)
+from slidesnake.bagkinds import bag_kind
+from slidesnake.bags import (NonFiniteLossError, check_bag_type, empty_reason, feature_arrays,
+                             feature_dims, map_features, stores_by_slide, to_device)
 from slidesnake.evaluate import auc_score
 from slidesnake.io import atomic_path
 from slidesnake.devices import resolve_device
@@ -73,40 +73,14 @@ def load_bags(stores: Sequence[str | os.PathLike], magnification: float | None,
     gives an :class:`~slidesnake.bags.ExcludedBag` (logged; training skips it with the reason);
     NaN / Inf features raise :class:`~slidesnake.bags.NonFiniteError` naming the slide.
     """
-    from slidesnake.store import open_store
-
     log = log or _log
     by_id = stores_by_slide(stores)
     wanted = list(by_id) if slide_ids is None else [str(s) for s in slide_ids]
     missing = [s for s in wanted if s not in by_id]
     if missing:
         raise KeyError(f"no feature store for slide(s) {missing[:10]} ({len(missing)} in all)")
-    if bag_type != "flat":
-        return load_structured_bags(by_id, bag_type, wanted, magnification=magnification,
-                                    magnifications=magnifications, samples=samples, log=log)
-    bags = {}
-    # thousands of stores take minutes: one progress line about every 10% (readable in SLURM logs)
-    step, t0, tiles = max(1, math.ceil(len(wanted) / 10)), time.perf_counter(), 0
-    for i, sid in enumerate(wanted, 1):
-        store = open_store(by_id[sid])
-        if reason := excluded_reason(store):
-            log.warning("slide %s %s; left out of training", sid, reason)
-            bags[sid] = ExcludedBag(reason)
-            continue
-        mags = store.magnifications
-        mag = magnification
-        if mag is not None and not any(math.isclose(float(mag), m) for m in mags):
-            raise ValueError(f"{by_id[sid]}: no features at {float(mag):g}x; store has {mags}")
-        bags[sid] = store.features(mag)
-        check_finite(bags[sid], sid, by_id[sid], mag)
-        tiles += len(bags[sid])
-        if len(wanted) >= 100 and (i % step == 0 or i == len(wanted)):
-            dt = time.perf_counter() - t0
-            log.info("read %d/%d bags (%3.0f%%), %d tiles, %.1f bags/s", i, len(wanted),
-                     100 * i / len(wanted), tiles, i / dt if dt > 0 else float("nan"))
-    log.info("read %d bags (%s tiles in all)", len(bags),
-             sum(len(b) for b in bags.values() if not isinstance(b, ExcludedBag)))
-    return bags
+    return bag_kind(bag_type).load(by_id, wanted, magnification=magnification, magnifications=magnifications,
+                                   samples=samples, log=log)
 
 
 def _feature_stats(arrays: Sequence[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -245,9 +219,9 @@ def train_fold(
     fold = int(folds[0])
     model_cls = get_model_class(model_name)
     bag_type = model_cls.bag_type
-    unit = "patient" if bag_type == "hierarchical" else "slide"
-    if bag_type == "hierarchical":
-        df = case_rows(df)
+    kind = bag_kind(bag_type)
+    unit = kind.unit
+    df = kind.prediction_rows(df)  # one row per prediction unit: slide, or patient (case bags)
     unit_order = {s: i for i, s in enumerate(df["slide_id"])}
     bad = sorted(set(df["label"]) - set(classes))
     if bad:
