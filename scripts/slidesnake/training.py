@@ -206,6 +206,97 @@ def train_fold(
     files (every history column per epoch, as it is trained; needs the ``tensorboard`` package).
     """
     log = log or _log
+    data = prepare_fold(bags, splits_fold, classes, model_name, model_kwargs, class_weights=class_weights,
+                        device=device, log=log)
+    fold, dev, x, y = data.fold, data.device, data.x, data.y
+    writer = _tensorboard_writer(tensorboard, log)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        model = create_model(model_name, data.in_dim, len(data.classes), **data.model_kwargs).to(dev)
+        opt = _make_optimizer(optimizer, model.parameters(), lr, weight_decay)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=lr_factor, patience=lr_patience)
+        monitor = "val" if x["val"] else "train"
+        stop = EarlyStopping(patience=patience, min_epochs=min_epochs)
+        rows = []
+        for epoch in range(1, int(epochs) + 1):
+            t0 = time.perf_counter()
+            cur_lr = opt.param_groups[0]["lr"]
+            train = run_epoch(model, data, "train", optimizer=opt, order=rng.permutation(len(x["train"])),
+                              epoch=epoch)
+            val = run_epoch(model, data, "val", epoch=epoch)
+            if x["val"]:
+                val_auc = auc_score(y["val"], val.probs)
+                val_bacc = float(balanced_accuracy_score(y["val"], val.probs.argmax(1)))
+            else:
+                val_auc = val_bacc = float("nan")
+            score = val.loss if monitor == "val" else train.loss
+            sched.step(score)
+            improved = stop.update(score, epoch, model)
+            secs = time.perf_counter() - t0
+            rows.append(dict(epoch=epoch, train_loss=train.loss, val_loss=val.loss, val_auc=val_auc,
+                             val_bacc=val_bacc, lr=cur_lr, seconds=secs, **train.terms))
+            if writer is not None:
+                for key, value in rows[-1].items():
+                    if key != "epoch" and math.isfinite(value):
+                        writer.add_scalar(f"fold_{fold}/{key}", value, epoch)
+                writer.flush()
+            log.info("fold %d epoch %3d/%d: train_loss %.4f val_loss %.4f val_auc %.4f val_bacc %.4f "
+                     "lr %.2e %.1fs%s", fold, epoch, epochs, train.loss, val.loss, val_auc, val_bacc,
+                     cur_lr, secs, " *" if improved else "")
+            if stop.should_stop(epoch):
+                log.info("fold %d: early stop at epoch %d (no %s loss improvement for %d epochs)",
+                         fold, epoch, monitor, stop.since_best)
+                break
+        if stop.best_state is None:
+            raise RuntimeError(f"fold {fold}: {monitor} loss never finite; training diverged (lower lr?)")
+        model.load_state_dict(stop.best_state)
+        model.eval()
+        log.info("fold %d: best epoch %d (%s loss %.4f)", fold, stop.best_epoch, monitor, stop.best_loss)
+        predictions = predict_fold(model, data)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        if writer is not None:
+            writer.close()
+    return TrainResult(
+        model=model, history=pd.DataFrame(rows), predictions=predictions, best_epoch=stop.best_epoch,
+        model_name=model_name, model_kwargs=data.model_kwargs, in_dim=int(data.in_dim), classes=data.classes,
+        feature_mean=data.mean, feature_std=data.std, fold=fold, class_weights=[float(w) for w in data.weights],
+        skipped=data.skipped,
+    )
+
+
+@dataclass
+class FoldData:
+    """One fold ready to train (:func:`prepare_fold`): standardised bags on the device per split."""
+
+    fold: int
+    classes: list
+    bag_type: str
+    unit: str                     # "slide", or "patient" for case bags
+    parts: dict                   # split -> its rows (one per prediction unit with a non-empty bag)
+    x: dict                       # split -> standardised bags (tensors on the device)
+    y: dict                       # split -> class indices
+    in_dim: int
+    mean: np.ndarray
+    std: np.ndarray
+    weights: np.ndarray           # class weights of the loss
+    weights_t: torch.Tensor
+    device: torch.device
+    model_kwargs: dict
+    skipped: list                 # units with empty (or excluded) bags
+    unit_order: dict              # unit -> row of the fold's table (the order of the predictions)
+
+
+def prepare_fold(bags: Mapping[str, object], splits_fold: pd.DataFrame, classes: Sequence, model_name: str,
+                 model_kwargs: Mapping | None = None, *, class_weights="auto", device: str = "auto",
+                 log: logging.Logger | None = None) -> FoldData:
+    """Check one fold's rows and bags, leave out empty bags (logged), standardise the bags with the
+    training tiles' mean / std and move them to the device; the class weights; the constructor
+    arguments the model reads off the bags. See :func:`train_fold`."""
+    log = log or _log
     classes = [str(c) for c in classes]
     model_kwargs = dict(model_kwargs or {})
     df = splits_fold.copy()
@@ -273,108 +364,94 @@ def train_fold(
         fold, model_name, dev, len(x["train"]), len(x["val"]), len(x["test"]), bag_type, in_dim,
         dict(zip(classes, np.round(weights, 4).tolist())),
     )
+    return FoldData(fold=fold, classes=classes, bag_type=bag_type, unit=unit, parts=parts, x=x, y=y,
+                    in_dim=int(in_dim), mean=mean, std=std, weights=weights, weights_t=weights_t, device=dev,
+                    model_kwargs=model_kwargs, skipped=skipped, unit_order=unit_order)
 
-    writer = _tensorboard_writer(tensorboard, log)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        torch.manual_seed(seed)
-        rng = np.random.default_rng(seed)
-        model = create_model(model_name, in_dim, len(classes), **model_kwargs).to(dev)
-        opt = _make_optimizer(optimizer, model.parameters(), lr, weight_decay)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=lr_factor, patience=lr_patience)
-        monitor = "val" if x["val"] else "train"
-        best_loss, best_epoch, best_state, since_best = math.inf, 0, None, 0
-        rows = []
-        for epoch in range(1, int(epochs) + 1):
-            t0 = time.perf_counter()
-            cur_lr = opt.param_groups[0]["lr"]
-            model.train()
-            total = 0.0
-            sums: dict[str, torch.Tensor] = {}  # the other named loss terms, summed on the device
-            for i in rng.permutation(len(x["train"])):
-                out = model(x["train"][i])
-                label = torch.tensor(int(y["train"][i]), device=dev)
-                terms = model.loss(out, label, weights_t)
-                loss = terms["total"]
-                value = float(loss.detach())  # the step's one host sync
-                if not math.isfinite(value):  # one bag per step: it names the culprit
-                    raise NonFiniteLossError(
-                        f"fold {fold}, epoch {epoch}: non-finite training loss ({value}) on "
-                        f"{unit} {parts['train']['slide_id'].iloc[i]!r}; lower training.lr, or check that "
-                        f"{unit}'s features")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += value
-                for name, term in terms.items():
-                    if name != "total":
-                        t = term.detach().double()  # float64, as the total's Python float sum
-                        sums[name] = sums[name] + t if name in sums else t
-            train_loss = total / len(x["train"])
-            term_means = {f"train_{n}": float(v) / len(x["train"]) for n, v in sums.items()}
-            probs, val_loss = _predict(model, x["val"], y["val"], weights_t)
-            if x["val"] and not math.isfinite(val_loss):
-                raise NonFiniteLossError(f"fold {fold}, epoch {epoch}: non-finite validation loss ({val_loss}) "
-                                     f"over {len(x['val'])} val {unit}(s); lower training.lr")
-            if x["val"]:
-                val_auc = auc_score(y["val"], probs)
-                val_bacc = float(balanced_accuracy_score(y["val"], probs.argmax(1)))
-            else:
-                val_auc = val_bacc = float("nan")
-            score = val_loss if monitor == "val" else train_loss
-            sched.step(score)
-            improved = math.isfinite(score) and score < best_loss
-            if improved:
-                best_loss, best_epoch, since_best = score, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                since_best += 1
-            secs = time.perf_counter() - t0
-            rows.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, val_auc=val_auc,
-                             val_bacc=val_bacc, lr=cur_lr, seconds=secs, **term_means))
-            if writer is not None:
-                for key, value in rows[-1].items():
-                    if key != "epoch" and math.isfinite(value):
-                        writer.add_scalar(f"fold_{fold}/{key}", value, epoch)
-                writer.flush()
-            log.info("fold %d epoch %3d/%d: train_loss %.4f val_loss %.4f val_auc %.4f val_bacc %.4f "
-                     "lr %.2e %.1fs%s", fold, epoch, epochs, train_loss, val_loss, val_auc, val_bacc,
-                     cur_lr, secs, " *" if improved else "")
-            if epoch >= min_epochs and since_best >= patience:
-                log.info("fold %d: early stop at epoch %d (no %s loss improvement for %d epochs)",
-                         fold, epoch, monitor, since_best)
-                break
-        if best_state is None:
-            raise RuntimeError(f"fold {fold}: {monitor} loss never finite; training diverged (lower lr?)")
-        model.load_state_dict(best_state)
-        model.eval()
-        log.info("fold %d: best epoch %d (%s loss %.4f)", fold, best_epoch, monitor, best_loss)
 
-        preds = []
-        for name in ("train", "val", "test"):
-            part = parts[name]
-            if part.empty:
-                continue
-            probs, _ = _predict(model, x[name])
-            p = part.loc[:, ["fold", "slide_id", "patient_id", "label", "split"]].copy()
-            for j, c in enumerate(classes):
-                p[f"prob_{c}"] = probs[:, j]
-            p["pred"] = [classes[j] for j in probs.argmax(1)]
-            preds.append(p)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-        if writer is not None:
-            writer.close()
+@dataclass
+class EpochResult:
+    loss: float                          # mean loss over the split's bags (nan without bags / labels)
+    probs: np.ndarray | None = None      # (n_bags, n_classes), evaluation only
+    terms: dict = field(default_factory=dict)  # train: mean of every named loss term but the total
 
+
+def run_epoch(model: MILModel, data: FoldData, split: str, *, optimizer: torch.optim.Optimizer | None = None,
+              order: np.ndarray | None = None, epoch: int = 0, labels: bool = True) -> EpochResult:
+    """One pass over a split's bags: the one loop for train, val and test (torchmil's
+    ``_shared_loop``). With ``optimizer`` (the train split, in ``order``): one step per bag, a
+    non-finite loss raises :class:`NonFiniteLossError` naming the bag. Without: evaluation, class
+    probabilities and (``labels``) the mean loss; a non-finite validation loss raises too."""
+    bags, y = data.x[split], data.y[split]
+    if optimizer is None:
+        probs, loss = _predict(model, bags, y if labels else None, data.weights_t)
+        if split == "val" and labels and bags and not math.isfinite(loss):
+            raise NonFiniteLossError(f"fold {data.fold}, epoch {epoch}: non-finite validation loss ({loss}) "
+                                     f"over {len(bags)} val {data.unit}(s); lower training.lr")
+        return EpochResult(loss=loss, probs=probs)
+    model.train()
+    total = 0.0
+    sums: dict[str, torch.Tensor] = {}  # the other named loss terms, summed on the device
+    for i in (range(len(bags)) if order is None else order):
+        out = model(bags[i])
+        label = torch.tensor(int(y[i]), device=data.device)
+        terms = model.loss(out, label, data.weights_t)
+        loss = terms["total"]
+        value = float(loss.detach())  # the step's one host sync
+        if not math.isfinite(value):  # one bag per step: it names the culprit
+            raise NonFiniteLossError(
+                f"fold {data.fold}, epoch {epoch}: non-finite training loss ({value}) on "
+                f"{data.unit} {data.parts[split]['slide_id'].iloc[i]!r}; lower training.lr, or check that "
+                f"{data.unit}'s features")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += value
+        for name, term in terms.items():
+            if name != "total":
+                t = term.detach().double()  # float64, as the total's Python float sum
+                sums[name] = sums[name] + t if name in sums else t
+    return EpochResult(loss=total / len(bags), terms={f"train_{n}": float(v) / len(bags) for n, v in sums.items()})
+
+
+class EarlyStopping:
+    """The best epoch so far (lowest monitored loss) and its weights; stop after ``patience`` epochs
+    without improvement, never before ``min_epochs``."""
+
+    def __init__(self, patience: int, min_epochs: int):
+        self.patience, self.min_epochs = patience, min_epochs
+        self.best_loss, self.best_epoch, self.best_state, self.since_best = math.inf, 0, None, 0
+
+    def update(self, score: float, epoch: int, model: torch.nn.Module) -> bool:
+        """Record an epoch's monitored loss; True when it improved (its weights are kept)."""
+        improved = math.isfinite(score) and score < self.best_loss
+        if improved:
+            self.best_loss, self.best_epoch, self.since_best = score, epoch, 0
+            self.best_state = copy.deepcopy(model.state_dict())
+        else:
+            self.since_best += 1
+        return improved
+
+    def should_stop(self, epoch: int) -> bool:
+        return epoch >= self.min_epochs and self.since_best >= self.patience
+
+
+def predict_fold(model: MILModel, data: FoldData) -> pd.DataFrame:
+    """Predictions of every split's bags, in the fold table's order: fold, slide_id, patient_id,
+    label, split, ``prob_<class>`` and ``pred``."""
+    preds = []
+    for name in ("train", "val", "test"):
+        part = data.parts[name]
+        if part.empty:
+            continue
+        probs = run_epoch(model, data, name, labels=False).probs
+        p = part.loc[:, ["fold", "slide_id", "patient_id", "label", "split"]].copy()
+        for j, c in enumerate(data.classes):
+            p[f"prob_{c}"] = probs[:, j]
+        p["pred"] = [data.classes[j] for j in probs.argmax(1)]
+        preds.append(p)
     predictions = pd.concat(preds, ignore_index=True)
-    predictions = predictions.sort_values("slide_id", key=lambda s: s.map(unit_order)).reset_index(drop=True)
-    return TrainResult(
-        model=model, history=pd.DataFrame(rows), predictions=predictions, best_epoch=best_epoch,
-        model_name=model_name, model_kwargs=model_kwargs, in_dim=int(in_dim), classes=classes,
-        feature_mean=mean, feature_std=std, fold=fold, class_weights=[float(w) for w in weights],
-        skipped=skipped,
-    )
+    return predictions.sort_values("slide_id", key=lambda s: s.map(data.unit_order)).reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------------- checkpoints

@@ -83,8 +83,29 @@ def clustering_loss(h: Tensor, label: Tensor, classifiers, k: int, subtyping: bo
     return total / len(classifiers) if subtyping else total
 
 
+class InstanceClustering:
+    """CLAM's instance-level clustering loss, shared by :class:`CLAM` and
+    :class:`slidesnake.models.cma_mil.CMAMIL`. The model sets ``instance_classifiers`` (one
+    ``Linear(hidden, 2)`` per class), ``k_sample``, ``inst_loss`` and ``subtyping``."""
+
+    def instance_loss_fn(self, logits: Tensor, targets: Tensor) -> Tensor:
+        if self.inst_loss == "svm":
+            return smooth_top1_svm_loss(logits, targets)
+        return F.cross_entropy(logits, targets)
+
+    def clustering_instance_loss(self, h: Tensor, label: Tensor, attention_of) -> Tensor:
+        """The clustering loss of one bag with instance embeddings ``h`` ``(N, hidden)``;
+        ``attention_of(c)`` ranks the instances for class ``c``. ``k = min(k_sample, N // 2)``; a bag
+        too small for one pair has no instance term (a zero)."""
+        k = min(self.k_sample, h.shape[0] // 2)
+        if k == 0:
+            return h.new_zeros(())
+        return clustering_loss(h, label, self.instance_classifiers, k, self.subtyping, self.instance_loss_fn,
+                               attention_of)
+
+
 @register_model("clam")
-class CLAM(MILModel):
+class CLAM(InstanceClustering, MILModel):
     """CLAM-SB (default) or CLAM-MB (``multi_branch=True``).
 
     ``attention`` output: SB: the single branch; MB: the branch of the predicted class (as CLAM's
@@ -124,11 +145,6 @@ class CLAM(MILModel):
             "inst_loss": trial.suggest_categorical("inst_loss", list(INSTANCE_LOSSES)),
         }
 
-    def instance_loss_fn(self, logits: Tensor, targets: Tensor) -> Tensor:
-        if self.inst_loss == "svm":
-            return smooth_top1_svm_loss(logits, targets)
-        return F.cross_entropy(logits, targets)
-
     def forward(self, bag: Tensor) -> MILOutput:
         self.check_bag(bag)
         h = self.projector(bag)
@@ -153,13 +169,9 @@ class CLAM(MILModel):
 
     def instance_loss(self, output: MILOutput, label: Tensor) -> Tensor:
         """The clustering loss of one bag (see the module docstring)."""
-        h = output.extras["h"]
         branches = output.extras["attention_branches"]
-        k = min(self.k_sample, h.shape[0] // 2)
-        if k == 0:
-            return h.new_zeros(())
-        return clustering_loss(h, label, self.instance_classifiers, k, self.subtyping, self.instance_loss_fn,
-                               lambda c: branches[c] if self.multi_branch else branches[0])
+        return self.clustering_instance_loss(output.extras["h"], label,
+                                             lambda c: branches[c] if self.multi_branch else branches[0])
 
     def loss(self, output: MILOutput, label: Tensor, class_weights: Tensor | None = None) -> dict[str, Tensor]:
         bag = weighted_cross_entropy(output.logits, label, class_weights)

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from slidesnake.bags import MultiscaleBag
 from slidesnake.models import register_model
 from slidesnake.models.base import MILModel, MILOutput, weighted_cross_entropy
-from slidesnake.models.clam import INSTANCE_LOSSES, clustering_loss, smooth_top1_svm_loss
+from slidesnake.models.clam import INSTANCE_LOSSES, InstanceClustering
 from slidesnake.models.layers import MLP, AttentionPooling
 
 FUSIONS = ("attention", "concat")
@@ -102,7 +102,7 @@ def aligned_tokens(h: Sequence[Tensor], parents: dict[tuple[int, int], Tensor], 
 
 
 @register_model("cma_mil")
-class CMAMIL(MILModel):
+class CMAMIL(InstanceClustering, MILModel):
     """Cross-magnification attention MIL (see the module docstring)."""
 
     bag_type = "multiscale"
@@ -193,20 +193,10 @@ class CMAMIL(MILModel):
         logits = self.classifier(fused)
         return MILOutput(logits=logits, attention=att[mags[-1]], extras=extras)
 
-    def instance_loss_fn(self, logits: Tensor, targets: Tensor) -> Tensor:
-        if self.inst_loss == "svm":
-            return smooth_top1_svm_loss(logits, targets)
-        return nn.functional.cross_entropy(logits, targets)
-
     def instance_loss(self, output: MILOutput, label: Tensor) -> Tensor:
         """CLAM's clustering loss on the finest scale (ranking by that scale's attention)."""
-        h = output.extras["h"]
         attention = output.attention
-        k = min(self.k_sample, h.shape[0] // 2)
-        if k == 0:
-            return h.new_zeros(())
-        return clustering_loss(h, label, self.instance_classifiers, k, self.subtyping, self.instance_loss_fn,
-                               lambda c: attention)
+        return self.clustering_instance_loss(output.extras["h"], label, lambda c: attention)
 
     def loss(self, output: MILOutput, label: Tensor, class_weights: Tensor | None = None) -> dict[str, Tensor]:
         ce = weighted_cross_entropy(output.logits, label, class_weights)
