@@ -14,7 +14,6 @@ import logging
 import os
 from typing import Mapping, Sequence
 
-
 PathLike = str | os.PathLike
 _log = logging.getLogger(__name__)
 
@@ -34,9 +33,8 @@ def train_job(*, features: Sequence[PathLike], splits: PathLike, samples: PathLi
     from slidesnake.bagkinds import bag_kind, model_bags
     from slidesnake.io import write_table
     from slidesnake.models import get_model_class
-    from slidesnake.training import save_checkpoint, train_fold
-
     from slidesnake.splits import read_splits
+    from slidesnake.training import save_checkpoint, train_fold
 
     log = log or _log
     table = read_splits(splits)
@@ -72,9 +70,8 @@ def tune_job(*, features: Sequence[PathLike], splits: PathLike, samples: PathLik
     from slidesnake.bagkinds import model_bags
     from slidesnake.io import atomic_path, write_table
     from slidesnake.models import get_model_class
-    from slidesnake.tuning import best_params_yaml, trials_table, tune
-
     from slidesnake.splits import read_splits
+    from slidesnake.tuning import best_params_yaml, trials_table, tune
 
     log = log or _log
     table = read_splits(splits)
