@@ -6,14 +6,16 @@ CORES  ?= all
 DEMO   ?= resources/demo
 DEMO_MULTISTAIN ?= resources/demo_multistain
 DEMO_PREDICT ?= resources/demo_predict
+DEMO_COUPLED ?= resources/demo_coupled
 XDG_CONFIG_HOME ?= $(HOME)/.config
 
-.PHONY: demo demo-data test test-fast lint dry-run report clean help slurm-profile demo-cma demo-multistain demo-multistain-data predict-demo predict-demo-data bench-features bench-tiling bench-dag
+.PHONY: demo demo-data test test-fast lint dry-run report clean help slurm-profile demo-cma demo-multistain demo-multistain-data predict-demo predict-demo-data demo-coupled demo-coupled-data bench-features bench-tiling bench-dag
 
 help:
 	@echo "make demo   - create $(VENV), generate the demo cohort, run the whole pipeline on it"
 	@echo "make demo-cma        - the demo cohort with cma_mil at 5x/10x/20x (results/demo_cma)"
 	@echo "make demo-multistain - a multi-stain (HE + IHC) demo cohort with hier_multistain (results/demo_multistain)"
+	@echo "make demo-coupled - coupled embedder / bag training (ICMIL, 2 rounds) on a harder demo cohort (results/demo_coupled)"
 	@echo "make predict-demo - after make demo: its fold models predict new demo slides (results/predict/demo_new)"
 	@echo "make test   - create $(VENV) with test extras and run the whole test suite (CI)"
 	@echo "make test-fast - unit tests and the one shared small end-to-end run (pytest -m 'not slow'), for the edit-test loop"
@@ -44,6 +46,14 @@ demo-multistain-data: $(BIN)/.installed
 
 demo-multistain: demo-multistain-data
 	$(BIN)/snakemake --configfile config/demo.yaml config/demo_multistain.yaml --cores $(CORES)
+
+# A harder cohort (small, subtle tumours) for coupled training (training.coupling, docs/models.md).
+demo-coupled-data: $(BIN)/.installed
+	$(BIN)/python -m slidesnake.demo --out $(DEMO_COUPLED) --patients 16 --size 3000 --seed 7 \
+	  --tumour-fraction 0.03 0.08 --tumour-contrast 0.35
+
+demo-coupled: demo-coupled-data
+	$(BIN)/snakemake --configfile config/demo.yaml config/demo_coupled.yaml --cores $(CORES)
 
 # New slides (another seed, ids NEW-...) predicted by the demo's trained fold models: the `predict`
 # target (config/predict_demo.yaml), after the demo run it depends on.

@@ -13,7 +13,7 @@ from conftest import REPO
 from test_envs import RULE_TABLE
 
 PROFILES = REPO / "workflow" / "profiles"
-GPU_RULES = {"extract_features", "train", "tune"}
+GPU_RULES = {"extract_features", "train", "tune", "coupling_embedder", "coupling_extract", "coupling_train"}
 
 
 def load(name: str) -> dict:

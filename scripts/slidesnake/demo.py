@@ -371,6 +371,9 @@ class HEScene:
             [0.07, 0.22] if None. Placement may shrink regions that do not fit.
         stain: one of :data:`STAINS`: ``"HE"``, or ``"IHC"`` (haematoxylin nuclei, faint
             background, DAB-brown tumour). The layout does not depend on it.
+        tumour_contrast: in (0, 1]; 1 is the demo's tumour. Lower values make the tumour subtler:
+            its purple background and its nuclear crowding move towards stroma by this factor (the
+            tumour nuclei keep their size and darkness), e.g. 0.3 for a harder cohort.
     """
 
     def __init__(
@@ -384,7 +387,11 @@ class HEScene:
         n_regions: int = 0,
         tumour_fraction: float | None = None,
         stain: str = "HE",
+        tumour_contrast: float = 1.0,
     ) -> None:
+        if not 0 < tumour_contrast <= 1:
+            raise ValueError(f"tumour_contrast must be in (0, 1]; got {tumour_contrast}")
+        self.tumour_contrast = float(tumour_contrast)
         if width < 1 or height < 1:
             raise ValueError(f"invalid scene size {width}x{height}")
         if stain not in STAINS:
@@ -633,7 +640,8 @@ class HEScene:
         keep = self._field_points(x, y) > 0
         h, x, y = h[keep], x[keep], y[keep]
         tumour = self._in_tumour(x, y)
-        p = np.where(tumour, TUMOUR_NUCLEI_PER_CELL, STROMA_NUCLEI_PER_CELL) / NUCLEUS_SLOTS
+        tumour_density = STROMA_NUCLEI_PER_CELL + self.tumour_contrast * (TUMOUR_NUCLEI_PER_CELL - STROMA_NUCLEI_PER_CELL)
+        p = np.where(tumour, tumour_density, STROMA_NUCLEI_PER_CELL) / NUCLEUS_SLOTS
         keep = _channel(h, 2) < p
         h, x, y, tumour = h[keep], x[keep], y[keep], tumour[keep]
 
@@ -743,6 +751,8 @@ class HEScene:
             return _compose(zeros, zeros, shading, _NEG_OD_MATRICES[self.stain])
 
         tumour = self._tumour_grid(x, y, width, height, ds)
+        if tumour is not None and self.tumour_contrast != 1.0:
+            tumour = tumour * np.float32(self.tumour_contrast)  # background and coarse nuclei blend less
         fibre = self._fibres(xs, ys, ds)
         grain = self._grain_grid(xs, ys, ds)
         e_lo, e_hi = STROMA_EOSIN
@@ -839,6 +849,8 @@ class SlideSpec:
     seed: int
     n_regions: int
     stain: str = "HE"
+    tumour_fraction: float | None = None  # share of the tissue under tumour; None: drawn by the scene
+    tumour_contrast: float = 1.0
 
 
 def cohort_specs(
@@ -850,6 +862,8 @@ def cohort_specs(
     *,
     stains: Sequence[str] | None = None,
     slices_per_stain: tuple[int, int] = (1, 3),
+    tumour_fraction: tuple[float, float] | None = None,
+    tumour_contrast: float = 1.0,
 ) -> list[SlideSpec]:
     """The demo cohort's slides, deterministic from ``seed`` (nothing is rendered).
 
@@ -863,6 +877,9 @@ def cohort_specs(
     patient and stain) slides of each, named ``<patient>_<stain><k>``; ``slides_per_patient`` and
     ``multi_slide_fraction`` are then unused. Every slide of a tumour patient, whatever its stain,
     carries planted regions.
+
+    ``tumour_fraction`` (a range, drawn per tumour slide; default the scene's [0.07, 0.22]) and
+    ``tumour_contrast`` (:class:`HEScene`) make a harder cohort: smaller, subtler tumours.
     """
     if n_patients < 1:
         raise ValueError("n_patients must be >= 1")
@@ -898,6 +915,9 @@ def cohort_specs(
                     height=h,
                     seed=int(rng.integers(0, 2**62)),
                     n_regions=n_regions,
+                    tumour_fraction=(float(rng.uniform(*tumour_fraction))
+                                     if tumour_fraction is not None and n_regions else None),
+                    tumour_contrast=float(tumour_contrast),
                 )
             )
     return specs
@@ -943,6 +963,8 @@ def make_cohort(
     stains: Sequence[str] | None = None,
     slices_per_stain: tuple[int, int] = (1, 3),
     multi_slide_fraction: float = 0.4,
+    tumour_fraction: tuple[float, float] | None = None,
+    tumour_contrast: float = 1.0,
     mpp: float = 0.5,
     objective: float = 20,
     quality: int = DEFAULT_QUALITY,
@@ -966,7 +988,8 @@ def make_cohort(
     """
     outdir_str = os.fspath(outdir)
     specs = cohort_specs(n_patients, slides_per_patient, multi_slide_fraction, size, seed,
-                         stains=stains, slices_per_stain=slices_per_stain)
+                         stains=stains, slices_per_stain=slices_per_stain, tumour_fraction=tumour_fraction,
+                         tumour_contrast=tumour_contrast)
     rows = []
     for spec in specs:
         slide_path = os.path.join(outdir_str, "slides", f"{spec.slide_id}.svs")
@@ -975,7 +998,8 @@ def make_cohort(
         written = False
         if overwrite or not (os.path.exists(slide_path) and os.path.exists(ann_path)):
             scene = HEScene(spec.width, spec.height, seed=spec.seed, mpp=mpp, n_regions=spec.n_regions,
-                            stain=spec.stain)
+                            stain=spec.stain, tumour_fraction=spec.tumour_fraction,
+                            tumour_contrast=spec.tumour_contrast)
             write_slide(
                 slide_path,
                 spec.width,
@@ -1038,6 +1062,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--predict-sheet", metavar="PREFIX", default=None,
                         help="also write predict.tsv: the slides as new, unlabelled slides (config predict.samples) "
                              "with PREFIX before every id; their labels stay in samples.tsv")
+    parser.add_argument("--tumour-fraction", nargs=2, type=float, default=None, metavar=("MIN", "MAX"),
+                        help="share of a tumour slide's tissue under tumour, drawn per slide (default 0.07 0.22)")
+    parser.add_argument("--tumour-contrast", type=float, default=1.0,
+                        help="in (0, 1]: lower makes the tumour texture subtler (default 1, the demo's)")
     args = parser.parse_args(argv)
 
     skipped = []
@@ -1057,6 +1085,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         slices_per_stain=tuple(args.slices_per_stain),
         overwrite=args.overwrite,
         on_slide=report,
+        tumour_fraction=tuple(args.tumour_fraction) if args.tumour_fraction else None,
+        tumour_contrast=args.tumour_contrast,
     )
     print(
         f"{len(sheet)} slides ({len(skipped)} already present), {sheet.patient_id.nunique()} patients"

@@ -80,7 +80,8 @@ def heatmap_folds(models: Sequence[PathLike], splits: pd.DataFrame | None, slide
 def slide_attention(models: Mapping[int, PathLike], use: Sequence[int], store, *, slide_id: str,
                     settings: HeatmapSettings, case_stores: Sequence[PathLike] = (),
                     samples: pd.DataFrame | Callable[[], pd.DataFrame] | None = None,
-                    log: logging.Logger | None = None) -> SlideAttention:
+                    log: logging.Logger | None = None,
+                    fold_stores: Mapping[int, PathLike] | None = None) -> SlideAttention:
     """Apply the fold models ``use`` to the slide's bag (the bag their ``bag_type`` reads; ``samples``,
     the sample sheet or a function reading it, is needed for case bags only)."""
     from slidesnake.bagkinds import bag_kind
@@ -94,8 +95,12 @@ def slide_attention(models: Mapping[int, PathLike], use: Sequence[int], store, *
     want_patch = bool(settings.patch_predictions)  # per-tile class probabilities, each tile alone as a bag
     for f in use:
         model, ckpt = load_checkpoint(models[f])
-        if res is None:  # the bag the model reads (slide, slide at every magnification, or case)
-            res = SlideAttention(classes=list(ckpt["classes"]), bag_type=model.bag_type)
+        if fold_stores:  # training.coupling: this fold's features of the slide (its last-round embedder)
+            from slidesnake.store import open_store
+
+            store = open_store(fold_stores[f])
+        if res is None or fold_stores:  # the bag the model reads (slide, slide at every magnification, or case)
+            res = res or SlideAttention(classes=list(ckpt["classes"]), bag_type=model.bag_type)
             kind = bag_kind(res.bag_type)
             bag, res.boxes = kind.heatmap_bag(
                 store, magnification=mag,
@@ -154,6 +159,7 @@ def heatmap_job(*, slide: PathLike, store: PathLike, models: Sequence[PathLike],
     for a slide no single fold tested) and ``predict_heatmap`` (no splits: a new slide, the fold
     ensemble's): the heatmap figure, the tile scores table, QuPath detections and the top / bottom
     tiles montage. A store marked excluded gives placeholder outputs saying why."""
+    from slidesnake.coupling_rounds import coupled_stores
     from slidesnake.exclusion import log_excluded, write_excluded_heatmap_outputs
     from slidesnake.heatmap import (TILE_COLUMNS, render, render_panels, render_top_tiles, scale_attention,
                                     score_map, smooth, tile_table, tiles_geojson)
@@ -166,7 +172,9 @@ def heatmap_job(*, slide: PathLike, store: PathLike, models: Sequence[PathLike],
     from slidesnake.tissue import thumbnail
 
     log = log or _log
-    fs = open_store(store)
+    # training.coupling: one store per fold (each fold's last-round embedder); else the slide's one store
+    fold_stores = coupled_stores(store)
+    fs = open_store(next(iter(fold_stores.values())) if fold_stores else store)
     if fs.excluded:  # config on_bad_slide: skip excluded the slide: placeholder outputs saying why
         log_excluded(log, slide_id, fs.root.attrs.get("path", "-"), fs.excluded, upstream=True)
         write_excluded_heatmap_outputs(outputs, slide_id, fs.excluded, TILE_COLUMNS)
@@ -179,7 +187,7 @@ def heatmap_job(*, slide: PathLike, store: PathLike, models: Sequence[PathLike],
     read_samples = read_sheet if table is not None else read_predict_sheet  # predict: the predict sheet
     # the sheet is read only for case bags (hierarchical models): the bag type comes with the first model
     att = slide_attention(by_fold, use, fs, slide_id=slide_id, settings=settings, case_stores=case_stores,
-                          samples=lambda: read_samples(samples), log=log)
+                          samples=lambda: read_samples(samples), log=log, fold_stores=fold_stores)
     mag = float(settings.magnification) if settings.magnification is not None else None
 
     wsi = open_slide(slide, slide_id)

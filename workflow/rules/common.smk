@@ -6,6 +6,7 @@ from snakemake.utils import validate
 
 # The package lives beside the rule scripts; importable without installation.
 sys.path.insert(0, os.path.join(workflow.basedir, "..", "scripts"))
+from slidesnake.coupling import check_model as check_coupling_model
 from slidesnake.io import sha256_file
 from slidesnake.predict import fold_checkpoints
 from slidesnake.samples import (
@@ -69,6 +70,7 @@ TRAIN_MAGNIFICATIONS = config["training"].get("magnifications") or TILE_MAGNIFIC
 wildcard_constraints:
     slide="[A-Za-z0-9][A-Za-z0-9._-]*",
     fold="[0-9]+",
+    round="[0-9]+",
 
 
 # Per-slide lookups as dicts: input functions run once per job while the DAG is built, and a
@@ -152,7 +154,8 @@ def slide_labels(wildcards):
 
 
 def fold_models(wildcards=None):
-    return expand(f"{OUT}/models/{MODEL}/fold_{{fold}}/model.pt", fold=FOLDS)
+    # the last coupling round's (training.coupling.rounds; 0: the usual models)
+    return [round_file(k, config["training"]["coupling"]["rounds"], "model.pt") for k in FOLDS]
 
 
 def exported_tiles(wildcards=None):
@@ -188,6 +191,7 @@ def get_final_output():
         f"{OUT}/qc/slides.tsv",
         f"{OUT}/qc/excluded.tsv",
         *exported_tiles(),
+        *([f"{OUT}/summary/{MODEL}/coupling_rounds.csv"] if ROUNDS else []),
     ]
 
 
@@ -239,3 +243,40 @@ def predict_patient_stores(wildcards):
     """Feature stores of every new slide of the slide's patient (case bags of hierarchical models)."""
     ids = _PREDICT_PATIENT_SLIDES[_PREDICT_PATIENT[wildcards.slide]]
     return [f"{OUT}/features/{BACKBONE}/{s}.zarr" for s in ids]
+
+
+# --------------------------------------------------------------------------- coupling (rules/coupling.smk)
+# training.coupling.rounds R > 0: per fold and round r = 1..R an embedder step, the fold's slides
+# embedded again and the bag model retrained, under coupling/<model>/round_<r>/fold_<k>/. Round 0 is
+# the usual pipeline (features/<backbone>/, models/<model>/fold_<k>/). The usual summary and the
+# heatmaps then come from round R.
+COUPLING = config["training"]["coupling"]
+ROUNDS = COUPLING["rounds"]
+COUPLING_DIR = f"{OUT}/coupling/{MODEL}"
+if ROUNDS:
+    check_coupling_model(MODEL)
+
+
+def round_store(fold, rnd, slide):
+    if int(rnd) == 0:
+        return f"{OUT}/features/{BACKBONE}/{slide}.zarr"
+    return f"{COUPLING_DIR}/round_{rnd}/fold_{fold}/features/{slide}.zarr"
+
+
+def round_file(fold, rnd, name):
+    """model.pt, history.csv or predictions.csv of fold ``fold`` in round ``rnd``."""
+    if int(rnd) == 0:
+        return f"{OUT}/models/{MODEL}/fold_{fold}/{name}"
+    return f"{COUPLING_DIR}/round_{rnd}/fold_{fold}/{name}"
+
+
+def final_predictions(wildcards=None):
+    return [round_file(k, ROUNDS, "predictions.csv") for k in FOLDS]
+
+
+def heatmap_store(wildcards):
+    """The slide's store; with coupling, its last-round store of every fold (heatmap.py takes the
+    out-of-fold one)."""
+    if not ROUNDS:
+        return f"{OUT}/features/{BACKBONE}/{wildcards.slide}.zarr"
+    return [round_store(k, ROUNDS, wildcards.slide) for k in FOLDS]

@@ -1,7 +1,8 @@
 rule heatmap:
     input:
         slide=slide_path,
-        store=f"{OUT}/features/{BACKBONE}/{{slide}}.zarr",
+        # with training.coupling, the slide's last-round store of every fold
+        store=heatmap_store,
         splits=rules.make_splits.output.splits,
         # The fold models (params.models) come with the cohort summary: its job runs after every
         # train job (which writes model.pt with predictions.csv). Listing the K models here instead

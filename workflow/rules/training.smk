@@ -65,7 +65,8 @@ rule train:
 
 rule summarize:
     input:
-        predictions=expand(f"{OUT}/models/{MODEL}/fold_{{fold}}/predictions.csv", fold=FOLDS),
+        # the last coupling round's (training.coupling; 0 rounds: models/<model>/fold_<k>/)
+        predictions=final_predictions(),
     output:
         summary=report(
             f"{OUT}/summary/{MODEL}/summary.csv",
