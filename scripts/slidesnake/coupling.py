@@ -332,7 +332,7 @@ def _tile_pixels(store, slide_path: str, rows: np.ndarray, magnification: float,
     at their native size and resized to the backbone's input size ``S``."""
     from PIL import Image
 
-    from slidesnake.store import mag_key
+    from slidesnake.geometry import mag_label as mag_key
     from slidesnake.tiling import TileReader
 
     attrs = store.attrs
