@@ -95,6 +95,7 @@ def test_coupled_stores():
 
 # ------------------------------------------------------------------------- digit benchmark
 
+@pytest.mark.slow
 def test_digit_bags_coupling_raises_instance_auc(record_property):
     """ICMIL on digit bags: a random-init CNN embedder, ABMIL; instance AUC over rounds 0-2."""
     from coupling_digits import run
@@ -148,6 +149,7 @@ def coupled_run(small_run, tmp_path_factory):
     return work, plan
 
 
+@pytest.mark.slow
 def test_one_round_plans_round_jobs_and_never_round_zero(coupled_run):
     work, (counts, _) = coupled_run
     n = len(_slides(work))
@@ -155,6 +157,7 @@ def test_one_round_plans_round_jobs_and_never_round_zero(coupled_run):
                       "summarize": 1, "heatmap": n, "run_summary": 1, "all": 1}
 
 
+@pytest.mark.slow
 def test_round_outputs_record_their_embedder(coupled_run):
     work, _ = coupled_run
     out = work / "results"
@@ -174,6 +177,7 @@ def test_round_outputs_record_their_embedder(coupled_run):
         assert base.shape == new.shape and not np.allclose(base, new)  # the embedder did change
 
 
+@pytest.mark.slow
 def test_embedder_step_reads_training_slides_only(coupled_run, tmp_path):
     """Fold 0's embedder step again, with every validation and test slide of the fold gone (slide
     file and features): the same pseudo labels and bit-identical weights as the workflow's (both with
@@ -206,6 +210,7 @@ def test_embedder_step_reads_training_slides_only(coupled_run, tmp_path):
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
+@pytest.mark.slow
 def test_adding_a_round_runs_only_round_two(coupled_run, tmp_path):
     src, _ = coupled_run
     work = tmp_path / "run"
@@ -218,6 +223,7 @@ def test_adding_a_round_runs_only_round_two(coupled_run, tmp_path):
     assert {j["round"] for j in jobs if j["rule"].startswith("coupling_") and "round" in j} == {"2"}
 
 
+@pytest.mark.slow
 def test_a_coupling_setting_reruns_the_rounds_not_round_zero(coupled_run, tmp_path):
     src, _ = coupled_run
     work = tmp_path / "run"
