@@ -6,6 +6,12 @@ down with down.sh. The test then does what the README's cluster section says -- 
 slurm-profile`, then `snakemake --profile slurm` -- on the small cohort of tests/smallrun.py, under
 `timeout -s KILL`, and checks that every job went through sbatch with the workflow profile's
 resources, and that every output equals the local run's (contents, not mtimes).
+
+The profile bundles the per-slide stages (job groups, docs/cluster.md): here with bundles of 4
+slides for tiling and 3 for features (`--group-components`, as a user would change the profile's
+sizes), so the 6 slides make 2 + 2 bundles, and the heatmaps go as one SLURM job array. sacct shows
+the bundles: 2 + 2 allocations, each with the largest threads and memory of its jobs (one GPU per
+features bundle), and each slide's jobs ran in exactly one bundle.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ TOOLS = REPO.parent / "shared" / "tools" / "slurm"
 STATE = Path(os.environ.get("SLURM_ROOT", "/tmp/slurm-ci"))  # up.sh's state; down.sh removes it
 RUN_TIMEOUT_S = 900
 GPU_RULES = {"extract_features", "train"}
+BUNDLE = {"tiling": 4, "features": 3}  # slides per bundle in this test (--group-components)
+GROUP_RULES = {"tiling": {"tile", "filter_tissue"}, "features": {"extract_features"}}
 
 
 def _bash(script: str, timeout: int, **env) -> subprocess.CompletedProcess:
@@ -67,13 +75,26 @@ def sacct(run_uuid: str) -> pd.DataFrame:
 
 
 def slurm_jobs(workdir: Path) -> dict[str, str]:
-    """{SLURM job id: rule} from the plugin's logs, .snakemake/slurm_logs/rule_<rule>/[<wildcards>/]<id>.log"""
+    """{SLURM job id: rule or "group <group>"} from the plugin's logs,
+    .snakemake/slurm_logs/rule_<rule>/[<wildcards>/]<id>.log (array tasks: <array id>_<task>.log)
+    and .snakemake/slurm_logs/group_<group>_<rules>/<id>.log (bundles)."""
     jobs = {}
     for log in (workdir / ".snakemake" / "slurm_logs").rglob("*.log"):
-        rule = next(p for p in log.relative_to(workdir / ".snakemake" / "slurm_logs").parts
-                    if p.startswith("rule_"))[len("rule_"):]
-        jobs[log.stem] = rule
+        top = log.relative_to(workdir / ".snakemake" / "slurm_logs").parts[0]
+        if top.startswith("group_"):
+            jobs[log.stem] = "group " + top[len("group_"):].split("_", 1)[0]
+        else:
+            jobs[log.stem] = top[len("rule_"):]
     return jobs
+
+
+def bundle_slides(workdir: Path, jobid: str) -> dict[str, set[str]]:
+    """{rule: slides} that one bundle ran, from its SLURM log (the inner Snakemake's job lines)."""
+    log = next((workdir / ".snakemake" / "slurm_logs").rglob(f"{jobid}.log")).read_text()
+    ran = {}
+    for m in re.finditer(r"^\s*rule (\w+):\n(?:[ \t]+.*\n)*?[ \t]+wildcards: slide=([^\s,]+)", log, flags=re.M):
+        ran.setdefault(m.group(1), set()).add(m.group(2))
+    return ran
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +111,9 @@ def slurm_run(cluster, small_run, tmp_path_factory):
            sys.executable, "-m", "snakemake", "--profile", "slurm",
            "--snakefile", str(REPO / "workflow" / "Snakefile"), "--configfile", "config.yaml",
            # a 2-CPU node; one thread per job as in the local run, so results match bit for bit
-           "--max-threads", "1", "--slurm-init-seconds-before-status-checks", "2"]
+           "--max-threads", "1", "--slurm-init-seconds-before-status-checks", "2",
+           # bundles of at most 2 CPUs (the node's), and smaller bundles than the profile's
+           "--cores", "2", "--group-components", *(f"{g}={n}" for g, n in BUNDLE.items())]
     env = {**os.environ, "XDG_CONFIG_HOME": str(xdg), "SBATCH_PARTITION": "debug"}
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     text = proc.stdout + proc.stderr
@@ -106,9 +129,24 @@ def test_profile_loaded_and_jobs_submitted(slurm_run):
     assert re.search(r"submitted with SLURM jobid \d+", text)
     n = len(slides)
     per_rule = Counter(slurm_jobs(work).values())
-    assert dict(per_rule) == {"tile": n, "filter_tissue": n, "extract_features": n, "make_splits": 1,
+    # per-slide stages: ceil(n / bundle) sbatch each; heatmaps: n tasks of one array
+    assert dict(per_rule) == {"group tiling": -(-n // BUNDLE["tiling"]),
+                              "group features": -(-n // BUNDLE["features"]), "make_splits": 1,
                               "train": K, "summarize": 1, "heatmap": n, "run_summary": 1, "qc_table": 1,
                               "excluded_table": 1}
+    arrays = {j.split("_")[0] for j, rule in slurm_jobs(work).items() if rule == "heatmap"}
+    assert len(arrays) == 1 and all("_" in j for j, r in slurm_jobs(work).items() if r == "heatmap")
+
+
+def test_each_slide_ran_in_exactly_one_bundle(slurm_run):
+    work, slides, _ = slurm_run
+    for group, size in BUNDLE.items():
+        bundles = [bundle_slides(work, j) for j, r in slurm_jobs(work).items() if r == f"group {group}"]
+        for rule in GROUP_RULES[group]:
+            ran = [b.get(rule, set()) for b in bundles]
+            assert sorted(len(r) for r in ran) == sorted(
+                [size] * (len(slides) // size) + ([len(slides) % size] if len(slides) % size else [])), (group, ran)
+            assert set().union(*ran) == set(slides) and sum(map(len, ran)) == len(slides), (group, ran)
 
 
 def test_sacct_shows_every_job_completed_with_the_profile_resources(slurm_run):
@@ -122,11 +160,18 @@ def test_sacct_shows_every_job_completed_with_the_profile_resources(slurm_run):
         assert row["state"] == "COMPLETED" and row["exit"] == "0:0", (rule, jobid, dict(row))
         assert row["partition"] == "debug"  # SBATCH_PARTITION, passed on by the profile
         tres = dict(kv.split("=", 1) for kv in row["tres"].split(","))
+        if rule == "group tiling":
+            # 1-thread tile and filter_tissue jobs, two at a time (--cores 2); memory: two
+            # filter_tissue jobs side by side (workflow profile: 4000 MB each)
+            assert tres["cpu"] == "2" and tres["mem"] == "8000M" and "gres/gpu" not in tres, row["tres"]
+            continue
+        if rule == "group features":
+            # one GPU per bundle: its extract_features jobs run one after the other (gpu is local)
+            assert tres["cpu"] == "1" and tres["mem"] == "16000M" and tres.get("gres/gpu") == "1", row["tres"]
+            continue
         assert tres["cpu"] == "1"  # --max-threads 1
         # gpu: 1 for extract_features and train only (workflow profile -> sbatch --gpus)
         assert (tres.get("gres/gpu") == "1") == (rule in GPU_RULES), (rule, row["tres"])
-        if rule == "extract_features":
-            assert tres["mem"] == "16000M"
 
 
 def test_outputs_equal_the_local_run(slurm_run, small_run):

@@ -8,6 +8,14 @@ the plan: everything a user waits for). Results go to stdout as a Markdown table
     .venv/bin/python scripts/bench/bench_dag.py          # 500, 1000, 5000 slides (make bench-dag)
     .venv/bin/python scripts/bench/bench_dag.py --sizes 5000 --profile dag.prof   # + cProfile
     .venv/bin/python -m pstats dag.prof                  # then: sort cumtime / stats 30
+    .venv/bin/python scripts/bench/bench_dag.py --slurm  # with --profile slurm (bundles on) and the
+                                                         # number of sbatch submissions it plans
+
+With ``--slurm`` the dry run uses workflow/profiles/slurm (linked into a temporary
+$XDG_CONFIG_HOME, as `make slurm-profile` does), so the job groups (bundles) are formed while the
+DAG is built, and a second, untimed dry run counts what the SLURM executor would submit: every
+group job (bundle) and every ungrouped job is one sbatch, and the rules the profile sends as job
+arrays (`slurm-array-jobs`) one sbatch per up to `slurm-array-limit` (1,000) of their jobs.
 
 tests/test_dag_scale.py plans a few hundred placeholder slides with the same helper (untimed).
 """
@@ -52,8 +60,67 @@ def make_placeholder_cohort(workdir: Path, n_slides: int, slides_per_patient: in
     return ids
 
 
+def slurm_env(root: Path) -> dict:
+    """Environment whose $XDG_CONFIG_HOME/snakemake/slurm is this repository's cluster profile."""
+    link = root / "xdg" / "snakemake" / "slurm"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(REPO / "workflow" / "profiles" / "slurm")
+    return {**os.environ, "XDG_CONFIG_HOME": str(root / "xdg")}
+
+
+# Runs `snakemake -n` in-process with the dry-run executor's run_job wrapped, so that every unit the
+# scheduler hands to the executor -- a group job (bundle) or a single job -- is counted by rule.
+_COUNTER = """
+import collections, json, sys
+from snakemake.executors import dryrun
+units = collections.Counter()
+_run_job = dryrun.Executor.run_job
+def run_job(self, job):
+    units["group " + str(job.name) if job.is_group() else job.rule.name] += 1
+    sizes.setdefault(str(job.name), []).append(len(job.jobs)) if job.is_group() else None
+    return _run_job(self, job)
+sizes = {}
+dryrun.Executor.run_job = run_job
+from snakemake.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    if e.code:
+        raise
+print("UNITS " + json.dumps({"units": units, "group_sizes": sizes}))
+"""
+
+
+def count_submissions(workdir: Path, env: dict, snakefile: Path = SNAKEFILE) -> dict:
+    """sbatch submissions the SLURM profile plans for ``workdir``'s cohort: {what: count}.
+
+    Groups: one per bundle. Rules named in the profile's ``slurm-array-jobs``: one per
+    ``slurm-array-limit`` jobs. Every other job: one each.
+    """
+    import json
+
+    profile = yaml.safe_load((REPO / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
+    arrays = {r.strip() for r in str(profile.get("slurm-array-jobs") or "").split(",") if r.strip()}
+    limit = int(profile.get("slurm-array-limit", 1000))
+    cmd = [sys.executable, "-c", _COUNTER, "--profile", "slurm", "--snakefile", str(snakefile),
+           "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "-n"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("UNITS ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"counting failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    data = json.loads(line[len("UNITS "):])
+    out = {}
+    for what, n in data["units"].items():
+        if what == "all":  # the target rule runs nothing (localrule)
+            continue
+        out[what] = -(-n // limit) if what in arrays else n
+    out["group sizes"] = {g: (min(v), max(v)) for g, v in data["group_sizes"].items()}
+    return out
+
+
 def dry_run(workdir: Path, *extra: str, profile: Path | None = None,
-            snakefile: Path = SNAKEFILE) -> tuple[float, float, str]:
+            snakefile: Path = SNAKEFILE, env: dict | None = None) -> tuple[float, float, str]:
     """Wall and CPU seconds of `snakemake -n` in ``workdir``, and its output.
 
     On a busy machine wall time mostly measures the other processes; the CPU time (user + system of
@@ -66,7 +133,7 @@ def dry_run(workdir: Path, *extra: str, profile: Path | None = None,
            "--configfile", str(workdir / "config.yaml"), "-n", *extra]
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
@@ -90,6 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=Path, default=None, help="cProfile output of the largest size's run")
     ap.add_argument("--snakefile", type=Path, default=SNAKEFILE,
                     help="another copy of the workflow, to compare (default: this repository's)")
+    ap.add_argument("--slurm", action="store_true",
+                    help="plan with --profile slurm (bundles on) and count the sbatch submissions")
     args = ap.parse_args(argv)
 
     import snakemake
@@ -98,15 +167,25 @@ def main(argv=None) -> int:
     root = Path(tmp.name) if tmp else args.workdir
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; "
           f"Python {platform.python_version()}; Snakemake {snakemake.__version__}")
-    print("\n| slides | jobs | `snakemake -n` wall (s) | CPU (s) | load average |\n|---:|---:|---:|---:|---:|")
+    env = slurm_env(root) if args.slurm else None
+    extra = ("--profile", "slurm") if args.slurm else ()
+    print("\n| slides | jobs | `snakemake -n` wall (s) | CPU (s) | load average |"
+          + (" sbatch submissions |" if args.slurm else "")
+          + "\n|---:|---:|---:|---:|---:|" + ("---|" if args.slurm else ""))
     for n in args.sizes:
         work = root / f"n{n}"
         make_placeholder_cohort(work, n)
-        wall, cpu, text = min(dry_run(work, snakefile=args.snakefile) for _ in range(args.repeat))
-        print(f"| {n:,} | {job_total(text):,} | {wall:.1f} | {cpu:.1f} | {os.getloadavg()[0]:.1f} |",
-              flush=True)
+        wall, cpu, text = min(dry_run(work, *extra, snakefile=args.snakefile, env=env)
+                              for _ in range(args.repeat))
+        row = f"| {n:,} | {job_total(text):,} | {wall:.1f} | {cpu:.1f} | {os.getloadavg()[0]:.1f} |"
+        if args.slurm:
+            sub = count_submissions(work, env, args.snakefile)
+            sizes = sub.pop("group sizes")
+            row += (f" {sum(sub.values()):,} ({', '.join(f'{k} {v}' for k, v in sorted(sub.items()))};"
+                    f" jobs per bundle (min, max) {sizes}) |")
+        print(row, flush=True)
     if args.profile is not None:
-        dry_run(root / f"n{args.sizes[-1]}", profile=args.profile, snakefile=args.snakefile)
+        dry_run(root / f"n{args.sizes[-1]}", *extra, profile=args.profile, snakefile=args.snakefile, env=env)
         print(f"\ncProfile of the {args.sizes[-1]:,}-slide dry run: {args.profile}")
     if tmp:
         tmp.cleanup()
