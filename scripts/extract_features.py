@@ -1,14 +1,18 @@
-"""Snakemake script: features of one slide's kept tiles -> results/features/<backbone>/<slide_id>.zarr."""
+"""Snakemake script: features of one slide's kept tiles -> results/features/<backbone>/<slide_id>.zarr.
+
+The work is slidesnake.features.extract_job, run in this process or -- config
+features.shared_process -- in the bundle's feature server (slidesnake.featserver), which sets the
+backbone up once for all the slides of a bundle. Either way this job keeps its own log, benchmark
+and output.
+"""
 
 import json
 from pathlib import Path
 
-import pandas as pd
-
-from slidesnake.exclusion import NO_TISSUE_FIX, excluded_of, log_excluded, mode_of
-from slidesnake.features import extract_slide
+from slidesnake import featserver
+from slidesnake.exclusion import excluded_of, log_excluded, mode_of
 from slidesnake.io import setup_logging
-from slidesnake.slide import SlideError, one_line_errors
+from slidesnake.slide import one_line_errors
 from slidesnake.store import write_excluded_store
 
 sm = snakemake  # noqa: F821
@@ -17,8 +21,10 @@ meta = json.loads(Path(sm.input.meta).read_text())
 qc = json.loads(Path(sm.input.qc).read_text())
 slide_id = meta["slide_id"]
 path = sm.input.slide if sm.input.slide else meta["path"]  # no input: missing file, skip mode
-# on_bad_slide is read from the config, not a rule param: switching it must not rerun good slides.
+# on_bad_slide, shared_process and stage_dir are read from the config, not rule params: switching
+# them must not rerun good slides.
 mode = mode_of(sm.config)
+features_cfg = sm.config.get("features", {})
 
 
 def exclude(rec):
@@ -31,27 +37,29 @@ if upstream:  # excluded at tile or filter_tissue: pass the marker on, read noth
     exclude(upstream)
     raise SystemExit(0)
 
+job = dict(
+    slide=sm.input.slide, tiles=sm.input.tiles, out=sm.output.store, slide_id=slide_id, mode=mode,
+    stage_dir=features_cfg.get("stage_dir"),
+    backbone=sm.params.backbone,
+    weights=sm.params.weights,
+    tile_size=meta["tile_size"],
+    overlap=meta["overlap"],
+    limit_bounds=meta["limit_bounds"],
+    batch_size=sm.params.batch_size,
+    num_workers=sm.params.num_workers,
+    device=sm.params.device,
+    feature_dtype=sm.params.feature_dtype,
+    compile=getattr(sm.params, "compile", False),
+    threads=sm.threads,
+    extra_attrs={"mpp": meta["mpp"], "mpp_source": meta.get("mpp_source"),
+                 "objective_power": meta["objective_power"],
+                 "objective_source": meta.get("objective_source")},
+)
 with one_line_errors(log, mode, "extract_features", exclude):
-    tiles = pd.read_parquet(sm.input.tiles)
-    if mode == "skip" and not tiles["keep"].any():  # (fail: an empty store; training skips the empty bag)
-        raise SlideError(slide_id, path, "no kept tile at any magnification",
-                         NO_TISSUE_FIX.replace("<slide>", slide_id))
-    summary = extract_slide(
-        sm.input.slide, tiles, sm.output.store,
-        slide_id=slide_id,
-        backbone=sm.params.backbone,
-        weights=sm.params.weights,
-        tile_size=meta["tile_size"],
-        overlap=meta["overlap"],
-        limit_bounds=meta["limit_bounds"],
-        batch_size=sm.params.batch_size,
-        num_workers=sm.params.num_workers,
-        device=sm.params.device,
-        feature_dtype=sm.params.feature_dtype,
-        compile=getattr(sm.params, "compile", False),
-        threads=sm.threads,
-        extra_attrs={"mpp": meta["mpp"], "mpp_source": meta.get("mpp_source"),
-                     "objective_power": meta["objective_power"],
-                     "objective_source": meta.get("objective_source")},
-    )
+    if featserver.enabled(features_cfg.get("shared_process", "auto")):
+        summary = featserver.extract(job, log_path=sm.log[0])
+    else:
+        from slidesnake.features import extract_job
+
+        summary = extract_job(**job)
     log.info("summary: %s", json.dumps(summary))

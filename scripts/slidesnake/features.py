@@ -32,6 +32,7 @@ import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -49,7 +50,7 @@ from slidesnake.slide import SlideError
 from slidesnake.store import FeatureStore, StoreWriter, open_store
 from slidesnake.tiling import TileReader
 
-__all__ = ["TileDataset", "extract_slide", "open_store", "FeatureStore", "resolve_device",
+__all__ = ["TileDataset", "extract_slide", "extract_job", "open_store", "FeatureStore", "resolve_device",
            "resolve_batch_size", "resolve_num_workers", "loader_options", "tile_batches"]
 
 log = logging.getLogger(__name__)
@@ -357,11 +358,8 @@ def extract_slide(
     total = len(kept)
 
     dev = resolve_device(device)
-    bb = create_backbone(backbone, weights=weights)
-    batch = resolve_batch_size(batch_size, dev, bb.input_size)
+    bb, embed, batch = _model(backbone, weights, dev, batch_size, precision, channels_last, compile)
     workers = resolve_num_workers(num_workers, dev, cpus)
-    embed = _Embedder(bb, dev, precision=precision, channels_last=channels_last, compile=compile,
-                      batch_size=batch)
     extra = _jsonable(extra_attrs or {})
     attrs = {
         **extra, "slide_id": slide_id, **bb.provenance(),
@@ -423,6 +421,60 @@ def extract_slide(
     log.info("%s: wrote %s (%d tiles x %d, %s) in %.1f s", slide_id, out_path, total,
              bb.feature_dim, feature_dtype, seconds)
     return summary
+
+
+def extract_job(*, slide: str | os.PathLike, tiles: str | os.PathLike, out: str | os.PathLike, slide_id: str,
+                mode: str = "fail", stage_dir: str | None = None, **kwargs) -> dict:
+    """One ``extract_features`` job: the tiles table at ``tiles`` -> the store ``out``.
+
+    ``mode`` is ``on_bad_slide`` (skip: a slide without a kept tile is a SlideError, so that it is
+    excluded). ``stage_dir``: copy the slide there first and read the copy (slidesnake.staging).
+    Other keyword arguments go to :func:`extract_slide`. The job script runs this in its own process
+    or in a bundle's feature server (slidesnake.featserver).
+    """
+    from slidesnake.exclusion import NO_TISSUE_FIX
+    from slidesnake.staging import staged
+
+    table = pd.read_parquet(tiles)
+    if mode == "skip" and not table["keep"].any():  # (fail: an empty store; training skips the empty bag)
+        raise SlideError(slide_id, slide, "no kept tile at any magnification",
+                         NO_TISSUE_FIX.replace("<slide>", slide_id))
+    with staged(slide, stage_dir, slide_id=slide_id) as local:
+        return extract_slide(local, table, out, slide_id=slide_id, **kwargs)
+
+
+# The last backbone set up in this process, keyed by its whole configuration. A process that embeds
+# several slides with one configuration (slidesnake.featserver: one per bundle of slides) builds the
+# backbone, loads its weights and moves it to the device once; one entry, so a process that switches
+# configurations never holds two models.
+_MODEL_CACHE: dict[tuple, tuple] = {}
+
+
+def _weights_key(weights: str) -> tuple:
+    path = Path(str(weights)).expanduser()
+    if str(weights) not in ("none", "imagenet") and path.is_file():
+        st = path.stat()  # a checkpoint replaced under the same name is a new configuration
+        return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    return (str(weights),)
+
+
+def _model(backbone: str, weights: str, dev: torch.device, batch_size, precision: str,
+           channels_last: bool, compile: bool) -> tuple[Backbone, "_Embedder", int]:
+    """(backbone, embedder, batch size) for this configuration, built once per process."""
+    key = (backbone, _weights_key(weights), str(dev), str(batch_size), precision, bool(channels_last),
+           bool(compile))
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        t0 = time.perf_counter()
+        bb = create_backbone(backbone, weights=weights)
+        batch = resolve_batch_size(batch_size, dev, bb.input_size)
+        embed = _Embedder(bb, dev, precision=precision, channels_last=channels_last, compile=compile,
+                          batch_size=batch)
+        _MODEL_CACHE[key] = (bb, embed, batch)
+        log.info("backbone %s set up on %s in %.2f s", backbone, dev, time.perf_counter() - t0)
+    else:
+        log.info("backbone %s reused (already set up in this process)", backbone)
+    return _MODEL_CACHE[key]
 
 
 class _ChunkedSink:
