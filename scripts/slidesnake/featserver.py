@@ -13,7 +13,8 @@ without work (and with the SLURM job, whose processes SLURM ends).
   device, batch size, precision, compile). The socket lives in ``$SLIDESNAKE_FEATSERVER_DIR``, else
   ``$TMPDIR``, else /tmp (node-local).
 * The server runs ``python -m slidesnake.featserver`` with the same interpreter and environment as
-  the job that started it (so the rule's conda env, when Snakemake uses one).
+  the job that started it (so the rule's conda env, when Snakemake uses one), and ends when the
+  Snakemake process that ran that job (the bundle's) is gone.
 * Jobs are served one at a time (one backbone, one GPU); a job's log lines are written into that
   job's log file; an error comes back to the job and is raised there (a ``SlideError`` as itself, so
   ``on_bad_slide: skip`` works as without the server). A server that dies leaves its socket behind:
@@ -91,7 +92,9 @@ def _start(path: Path, idle_s: float, log_path: str | None):
         if path.exists():
             path.unlink()  # a dead server's socket
         out = open(f"{path}.log", "a")
-        subprocess.Popen([sys.executable, "-m", "slidesnake.featserver", str(path), "--idle-s", str(idle_s)],
+        # the server also ends with the Snakemake process running this job (the bundle's)
+        subprocess.Popen([sys.executable, "-m", "slidesnake.featserver", str(path), "--idle-s", str(idle_s),
+                          "--watch-pid", str(os.getppid())],
                          stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
         out.close()
@@ -144,24 +147,37 @@ def _append_mode(log_path: str) -> None:
                 h.release()
 
 
-def serve(path: Path, idle_s: float) -> None:
-    """Serve extraction requests on ``path`` until ``idle_s`` seconds pass without one."""
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def serve(path: Path, idle_s: float, watch_pid: int | None = None) -> None:
+    """Serve extraction requests on ``path`` until ``idle_s`` seconds pass without one, or the process
+    ``watch_pid`` (the Snakemake process of the bundle) is gone."""
     from slidesnake.features import extract_job  # torch and the rest: once per server
     from slidesnake.slide import SlideError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     listener = Listener(str(path), family="AF_UNIX", authkey=_authkey(path))
-    listener._listener._socket.settimeout(idle_s)
+    listener._listener._socket.settimeout(min(idle_s, 2.0))
     log.info("feature server %s: pid %d, listening", path, os.getpid())
-    served = 0
+    served, last = 0, time.monotonic()
     try:
         while True:
             try:
                 conn = listener.accept()
-            except (TimeoutError, OSError) as err:  # socket.timeout is TimeoutError
-                if isinstance(err, TimeoutError) or "timed out" in str(err):
+            except TimeoutError:  # (socket.timeout) check the clock and the bundle's process
+                if time.monotonic() - last >= idle_s or not _alive(watch_pid):
                     break
-                raise
+                continue
             with conn:
                 request = conn.recv()
                 handler = None
@@ -184,21 +200,23 @@ def serve(path: Path, idle_s: float) -> None:
                         logging.getLogger().removeHandler(handler)
                         handler.close()
                 served += 1
+                last = time.monotonic()
                 try:
                     conn.send(reply)
                 except (BrokenPipeError, ConnectionResetError):
                     log.warning("job pid %s went away before its answer", request.get("pid"))
     finally:
         listener.close()
-        log.info("feature server %s: served %d slides; idle for %.0f s, exiting", path, served, idle_s)
+        log.info("feature server %s: served %d slides; exiting (idle, or the bundle ended)", path, served)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="feature server (started by extract_features jobs)")
     ap.add_argument("socket", type=Path)
     ap.add_argument("--idle-s", type=float, default=120.0)
+    ap.add_argument("--watch-pid", type=int, default=None, help="exit when this process is gone")
     args = ap.parse_args(argv)
-    serve(args.socket, args.idle_s)
+    serve(args.socket, args.idle_s, args.watch_pid)
     return 0
 
 
