@@ -54,3 +54,16 @@ def test_slurm_profile_site_settings_come_from_the_environment():
     for var in ("SBATCH_PARTITION", "SBATCH_ACCOUNT", "SLIDESNAKE_SLURM_STATUS_COMMAND"):
         assert var in text
     assert load("local-gpu")["resources"] == {"gpu": 1}
+
+
+def test_slurm_profile_bundles_the_per_slide_stages():
+    """Bundles (docs/cluster.md): per-slide rules in groups with a size each, a GPU cap local to each
+    bundle, outputs of a failed bundle kept; nothing downstream of the whole cohort grouped (its
+    group check would cost the square of the cohort while planning)."""
+    prof = load("slurm")
+    groups = dict(g.split("=") for g in prof["groups"])
+    sizes = {g: int(n) for g, n in (x.split("=") for x in prof["group-components"])}
+    assert groups == {"tile": "tiling", "filter_tissue": "tiling", "extract_features": "features"}
+    assert set(sizes) == set(groups.values()) and all(n > 1 for n in sizes.values())
+    assert prof["resources"] == ["gpu=1"] and prof["set-resource-scopes"] == ["gpu=local"]
+    assert prof["keep-incomplete"] is True and prof["slurm-array-jobs"] == "heatmap"
