@@ -59,7 +59,8 @@ def test_one_server_embeds_a_bundle(job_files, cmu_small, monkeypatch, restore_l
     monkeypatch.setenv("SLIDESNAKE_FEATSERVER_IDLE_S", "8")
     config = {"on_bad_slide": "fail", "features": {"shared_process": True}}
     logs = [_script(work, cmu_small, f"J{i}", config) for i in range(3)]
-    (sock,) = (work / "run").glob("*.sock")  # still there: the server waits for more slides
+    (sock,) = (work / "run").glob("*/*.sock")  # still there: the server waits for more slides
+    assert sock.parent.stat().st_mode & 0o777 == 0o700  # no other user can reach it
     pids = [set(re.findall(r"feature server pid (\d+)", text)) for text in logs]
     assert len(pids[0]) == 1 and pids[0] == pids[1] == pids[2], pids  # one server for the 3 jobs
     assert "set up on cpu" in logs[0] and "reused" in logs[1] and "reused" in logs[2]

@@ -10,8 +10,9 @@ without work (and with the SLURM job, whose processes SLURM ends).
 * Which server: one per (scope, configuration). The scope is the SLURM job (``$SLURM_JOB_ID``: one
   bundle = one allocation) or, outside SLURM, the user and working directory; the configuration is
   everything :func:`slidesnake.features.extract_slide`'s model depends on (backbone, weights,
-  device, batch size, precision, compile). The socket lives in ``$SLIDESNAKE_FEATSERVER_DIR``, else
-  ``$TMPDIR``, else /tmp (node-local).
+  device, batch size, precision, compile). The socket lives in ``slidesnake-feat-<uid>/`` (mode
+  0700: the server unpickles requests, so only its user may connect) under
+  ``$SLIDESNAKE_FEATSERVER_DIR``, else ``$TMPDIR``, else /tmp (node-local).
 * The server runs ``python -m slidesnake.featserver`` with the same interpreter and environment as
   the job that started it (so the rule's conda env, when Snakemake uses one), and ends when the
   Snakemake process that ran that job (the bundle's) is gone.
@@ -66,11 +67,23 @@ def socket_path(kwargs: dict, env=None) -> Path:
     digest = hashlib.sha1(json.dumps([scope, model, sys.executable], sort_keys=True, default=str)
                           .encode()).hexdigest()[:16]
     base = Path(env.get("SLIDESNAKE_FEATSERVER_DIR") or env.get("TMPDIR") or tempfile.gettempdir())
-    return base / f"slidesnake-feat-{digest}.sock"
+    return base / f"slidesnake-feat-{os.getuid()}" / f"{digest}.sock"
+
+
+def _private_dir(path: Path) -> None:
+    """The socket's directory, readable by its owner only: the server unpickles what it is sent, so
+    no other user may reach the socket."""
+    d = path.parent
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = d.stat()
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"{d} belongs to another user; set SLIDESNAKE_FEATSERVER_DIR")
+    if st.st_mode & 0o077:
+        d.chmod(0o700)
 
 
 def _authkey(path: Path) -> bytes:
-    # only this user's processes can read the key file next to the socket
+    # a check that both ends agree on the socket; the protection is the directory's mode (0700)
     return hashlib.sha256(f"{os.getuid()}:{path}".encode()).digest()
 
 
@@ -83,7 +96,7 @@ def _connect(path: Path):
 
 def _start(path: Path, idle_s: float, log_path: str | None):
     """Start a server for ``path`` unless one is starting or running; return a connection to it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _private_dir(path)
     with open(f"{path}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one starter at a time; the others then connect
         conn = _connect(path)
