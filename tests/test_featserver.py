@@ -125,3 +125,43 @@ def test_staging_copies_reads_and_removes(tmp_path, cmu_small, tiles, monkeypatc
     extract_job(out=tmp_path / "b.zarr", stage_dir="$TMPDIR", **kw)
     assert np.array_equal(open_store(tmp_path / "a.zarr").features(20.0), open_store(tmp_path / "b.zarr").features(20.0))
     assert open_store(tmp_path / "b.zarr").attrs.get("slide_id") == "S1"
+
+
+CHILD = """
+import json, runpy, sys
+from types import SimpleNamespace
+a = json.loads(sys.argv[1])
+sm = SimpleNamespace(input=SimpleNamespace(**a["input"]), output=SimpleNamespace(**a["output"]),
+                     params=SimpleNamespace(**a["params"]), log=[a["log"]], threads=1, config=a["config"])
+runpy.run_path(a["script"], init_globals={"snakemake": sm})
+"""
+
+
+def test_concurrent_jobs_wait_in_line_for_one_server(job_files, cmu_small):
+    """Jobs that arrive together (features.shared_process: true on a workstation) all get their
+    slide embedded by one server, one after the other; none is refused or starts a second one."""
+    import subprocess
+    import sys
+
+    work = job_files
+    env = {**os.environ, "PYTHONPATH": str(REPO / "scripts"), "SLIDESNAKE_FEATSERVER_DIR": str(work / "run"),
+           "SLIDESNAKE_FEATSERVER_IDLE_S": "5"}
+    procs = []
+    for i in range(3):
+        a = {"input": {"slide": str(cmu_small), "tiles": str(work / "tiles.parquet"),
+                       "meta": str(work / "slide.json"), "qc": str(work / "qc.json")},
+             "output": {"store": str(work / "out" / f"C{i}.zarr")},
+             "params": {"backbone": "resnet18_trunc", "weights": "none", "batch_size": 8, "num_workers": 0,
+                        "device": "cpu", "feature_dtype": "float32"},
+             "log": str(work / f"C{i}.log"), "config": {"on_bad_slide": "fail", "features": {"shared_process": True}},
+             "script": str(REPO / "scripts" / "extract_features.py")}
+        procs.append(subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(a)], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    pids = set()
+    for i in range(3):
+        pids |= set(re.findall(r"feature server pid (\d+)", (work / f"C{i}.log").read_text()))
+        assert open_store(work / "out" / f"C{i}.zarr").n_tiles(20.0) == 8
+    assert len(pids) == 1, pids

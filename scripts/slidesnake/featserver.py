@@ -132,9 +132,14 @@ def extract(kwargs: dict, *, log_path: str | None = None, idle_s: float | None =
     if log_path:
         _append_mode(log_path)
     conn = _connect(path) or _start(path, idle_s, log_path)
-    with conn:
-        conn.send({"kwargs": kwargs, "log": log_path, "pid": os.getpid()})
-        reply = conn.recv()
+    try:
+        with conn:
+            conn.send({"kwargs": kwargs, "log": log_path, "pid": os.getpid()})
+            reply = conn.recv()
+    except (EOFError, ConnectionResetError, BrokenPipeError) as err:
+        raise RuntimeError(f"the feature server went away while embedding slide {kwargs.get('slide_id')!r} "
+                           f"({type(err).__name__}; out of memory?): see {path}.log; rerun the workflow, or "
+                           "set features.shared_process: false") from err
     if reply["ok"]:
         return reply["summary"]
     if reply.get("slide_error"):
@@ -179,7 +184,8 @@ def serve(path: Path, idle_s: float, watch_pid: int | None = None) -> None:
     from slidesnake.slide import SlideError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    listener = Listener(str(path), family="AF_UNIX", authkey=_authkey(path))
+    # a deep backlog: jobs that arrive while a slide is embedded wait in line, never refused
+    listener = Listener(str(path), family="AF_UNIX", backlog=128, authkey=_authkey(path))
     listener._listener._socket.settimeout(min(idle_s, 2.0))
     log.info("feature server %s: pid %d, listening", path, os.getpid())
     served, last = 0, time.monotonic()
