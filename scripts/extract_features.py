@@ -12,7 +12,7 @@ from pathlib import Path
 from slidesnake import featserver
 from slidesnake.exclusion import excluded_of, log_excluded, mode_of
 from slidesnake.io import setup_logging
-from slidesnake.slide import one_line_errors
+from slidesnake.errors import one_line_errors
 from slidesnake.store import write_excluded_store
 
 sm = snakemake  # noqa: F821

@@ -143,7 +143,7 @@ def extract(kwargs: dict, *, log_path: str | None = None, idle_s: float | None =
     if reply["ok"]:
         return reply["summary"]
     if reply.get("slide_error"):
-        from slidesnake.slide import SlideError
+        from slidesnake.errors import SlideError
 
         raise SlideError(*reply["slide_error"])
     raise RuntimeError(f"feature server: {reply['error']}\n{reply.get('traceback', '')}")
@@ -181,7 +181,7 @@ def serve(path: Path, idle_s: float, watch_pid: int | None = None) -> None:
     """Serve extraction requests on ``path`` until ``idle_s`` seconds pass without one, or the process
     ``watch_pid`` (the Snakemake process of the bundle) is gone."""
     from slidesnake.features import extract_job  # torch and the rest: once per server
-    from slidesnake.slide import SlideError
+    from slidesnake.errors import SlideError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # a deep backlog: jobs that arrive while a slide is embedded wait in line, never refused

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping
