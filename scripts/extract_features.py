@@ -49,6 +49,7 @@ with one_line_errors(log, mode, "extract_features", exclude):
         device=sm.params.device,
         feature_dtype=sm.params.feature_dtype,
         compile=getattr(sm.params, "compile", False),
+        backbone_options=getattr(sm.params, "backbone_options", None),
         threads=sm.threads,
         extra_attrs={"mpp": meta["mpp"], "mpp_source": meta.get("mpp_source"),
                      "objective_power": meta["objective_power"],

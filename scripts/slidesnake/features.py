@@ -335,6 +335,7 @@ def extract_slide(
     precision: str = "auto",
     channels_last: bool = True,
     extra_attrs: Mapping | None = None,
+    backbone_options: Mapping | None = None,
 ) -> dict:
     """Extract features of the kept tiles of one slide into the store ``out_path``.
 
@@ -343,7 +344,8 @@ def extract_slide(
     else the CPUs this process may use); ``threads`` also sets torch's CPU threads. ``compile``
     runs the backbone through ``torch.compile``. ``precision`` ("auto": bf16 autocast on CUDA,
     float32 on CPU) can force the CUDA branch on CPU; ``channels_last`` (the default on every
-    device) can be turned off. Returns a summary (tiles per magnification, seconds, tiles/s, device,
+    device) can be turned off. ``backbone_options`` are create_backbone's keyword options
+    (backbone_kwargs, mean, std, pooling, strip_prefix, weights_sha256). Returns a summary (tiles per magnification, seconds, tiles/s, device,
     precision, batch size, workers).
     """
     cpus = min(int(threads), available_cpus()) if threads else available_cpus()
@@ -357,7 +359,7 @@ def extract_slide(
     total = len(kept)
 
     dev = resolve_device(device)
-    bb = create_backbone(backbone, weights=weights)
+    bb = create_backbone(backbone, weights=weights, **dict(backbone_options or {}))
     batch = resolve_batch_size(batch_size, dev, bb.input_size)
     workers = resolve_num_workers(num_workers, dev, cpus)
     embed = _Embedder(bb, dev, precision=precision, channels_last=channels_last, compile=compile,

@@ -67,13 +67,13 @@ def resolve_weight_files(weights: str | Path, preferred: tuple[str, ...] = ()) -
     if given.is_file():
         if given.suffix not in WEIGHT_SUFFIXES:
             raise WeightsError(f"{given}: weights must be one of {', '.join(WEIGHT_SUFFIXES)} or a model folder")
-        return WeightFiles(given.resolve(), (given.resolve(),))
+        return WeightFiles(given.absolute(), (given.absolute(),))
     if not given.is_dir():
         raise WeightsError(f"weights file not found: {given} (features.weights: a local file or a model folder; "
                            "slidesnake never downloads weights)")
     folder = _snapshot(given)
     config = folder / "config.json"
-    config = config.resolve() if config.is_file() else None
+    config = config.absolute() if config.is_file() else None  # (HF snapshot: keep the link's name)
     for index in INDEX_FILES:
         if (folder / index).is_file():
             try:
@@ -84,13 +84,13 @@ def resolve_weight_files(weights: str | Path, preferred: tuple[str, ...] = ()) -
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise WeightsError(f"{folder / index}: shard(s) {missing[:3]} not found in {folder}")
-            return WeightFiles(given.resolve(), tuple((folder / s).resolve() for s in shards), config)
+            return WeightFiles(given.resolve(), tuple((folder / s).absolute() for s in shards), config)
     for name in (*preferred, *GENERIC_FILES):
         if (folder / name).is_file():
-            return WeightFiles(given.resolve(), ((folder / name).resolve(),), config)
+            return WeightFiles(given.resolve(), ((folder / name).absolute(),), config)
     candidates = sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     if len(candidates) == 1:
-        return WeightFiles(given.resolve(), ((folder / candidates[0]).resolve(),), config)
+        return WeightFiles(given.resolve(), ((folder / candidates[0]).absolute(),), config)
     wanted = ", ".join(dict.fromkeys((*preferred, *GENERIC_FILES)))
     raise WeightsError(f"{folder}: no weights file found (looked for {wanted} or a shard index"
                        + (f"; several candidates {candidates[:5]}: name one file in features.weights" if candidates

@@ -8,6 +8,7 @@ from snakemake.utils import validate
 sys.path.insert(0, os.path.join(workflow.basedir, "..", "scripts"))
 from slidesnake.io import sha256_file
 from slidesnake.predict import fold_checkpoints
+from slidesnake.presets import PRESETS, backbone_dirname, check_backbone_name
 from slidesnake.samples import (
     SampleSheetError,
     check_predict_sheet,
@@ -56,7 +57,9 @@ if MISSING and config["on_bad_slide"] == "skip":
 
 OUT = config["outdir"]
 SLIDES = list(samples["slide_id"])
-BACKBONE = config["features"]["backbone"].replace(":", "-")
+# Output folder of the backbone: any name made safe (no '/' nesting, no ':'); hub names refused here.
+check_backbone_name(config["features"]["backbone"])
+BACKBONE = backbone_dirname(config["features"]["backbone"])
 MODEL = config["training"]["model"]
 FOLDS = list(range(config["splits"]["k"]))
 # Tiled magnifications as numbers: entries "0.5um" (pixel-size targets) are named by their nominal
@@ -239,3 +242,26 @@ def predict_patient_stores(wildcards):
     """Feature stores of every new slide of the slide's patient (case bags of hierarchical models)."""
     ids = _PREDICT_PATIENT_SLIDES[_PREDICT_PATIENT[wildcards.slide]]
     return [f"{OUT}/features/{BACKBONE}/{s}.zarr" for s in ids]
+
+
+# --------------------------------------------------------------------------- features (rules/features.smk)
+def weight_files(wildcards=None):
+    """The files of features.weights (a file, an HF model folder or cache snapshot: config.json and
+    every shard) as inputs of extract_features: replacing one reruns extraction. "none" and
+    "imagenet" (torchvision's cache) have none. A missing file is reported while the DAG is built."""
+    from slidesnake.weightfiles import resolve_weight_files
+
+    weights = str(config["features"]["weights"])
+    if weights in ("none", "imagenet"):
+        return []
+    preset = PRESETS.get(config["features"]["backbone"])
+    return resolve_weight_files(weights, preset.files if preset else ()).inputs
+
+
+# Options of the backbone (features.backbone_kwargs, mean, std, pooling, strip_prefix,
+# weights_sha256), passed to slidesnake.backbones.create_backbone; null ones are left out.
+BACKBONE_OPTIONS = {
+    k: config["features"][k]
+    for k in ("backbone_kwargs", "mean", "std", "pooling", "strip_prefix", "weights_sha256")
+    if config["features"].get(k) not in (None, {})
+}
