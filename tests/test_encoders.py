@@ -310,7 +310,7 @@ def test_full_size_uni_loads_on_cpu(tmp_path):
     assert sum(p.numel() for p in ref.parameters()) > 300e6
     folder = hf_folder(tmp_path / "UNI", ref.state_dict(), {"architecture": "vit_large_patch16_224"})
     bb = create_backbone("uni", weights=folder)
-    assert bb.feature_dim == 1024 and len(bb.model.blocks) == 24
+    assert bb.feature_dim == 1024 and len(bb.model.model.blocks) == 24
     t = tiles(224, n=1)
     with torch.inference_mode():
         want = ref(card_input(t, *IMAGENET))
