@@ -352,6 +352,15 @@ def test_sharded_folder_and_hf_cache_snapshot(tmp_path):
         want = ref(card_input(t, *IMAGENET))
     torch.testing.assert_close(through_preset(bb, t), want, rtol=1e-4, atol=1e-4)
 
+    # a blob whose content no longer matches its name (the hub's LFS sha256) is refused
+    blob = (snap / "model-00002-of-00002.safetensors").resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=rf"model-00002-of-00002\.safetensors: sha256 [0-9a-f]{{64}} does not match "
+                                           rf"the sha256 the Hugging Face cache names it by.* {blob.name}"):
+        create_backbone("uni2_h", weights=repo, backbone_kwargs={"depth": 1})
+
 
 def test_sha256_pins_and_published_hashes(tmp_path, monkeypatch, caplog):
     path = tmp_path / "pytorch_model.bin"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +103,19 @@ def file_hashes(files) -> dict[str, str]:
     return {Path(f).name: sha256_file(Path(f).resolve()) for f in files}
 
 
+def hub_blob_sha256(files) -> dict[str, str]:
+    """``{file name: sha256}`` stated by a Hugging Face cache: a snapshot's weight file links to
+    ``blobs/<sha256>``, the hub's LFS object id (the sha256 the hub page shows for the file)."""
+    out = {}
+    for f in files:
+        f = Path(f)
+        if f.is_symlink():
+            target = f.resolve().name
+            if re.fullmatch(r"[0-9a-f]{64}", target) and f.resolve().parent.name == "blobs":
+                out[f.name] = target
+    return out
+
+
 def combined_sha256(hashes: dict[str, str]) -> str:
     """The sha256 of a set of weight files: the file's own for one file; for shards, the sha256 of
     the ``sha256sum``-style listing (``<sha256>  <name>\\n`` lines sorted by name)."""
@@ -118,6 +132,8 @@ def verify_sha256(hashes: dict[str, str], files, expected: dict[str, str] | None
     (``features.weights_sha256``: one sha256 for the file / the set of shards, or file name -> sha256)."""
     by_name = {Path(f).name: Path(f) for f in files}
     checks = [(n, h, "the preset's published sha256") for n, h in (expected or {}).items() if n in hashes]
+    checks += [(n, h, "the sha256 the Hugging Face cache names it by (blobs/<sha256>: the hub's LFS id)")
+               for n, h in hub_blob_sha256(files).items()]
     if isinstance(pinned, dict):
         unknown = sorted(set(pinned) - set(hashes))
         if unknown:
