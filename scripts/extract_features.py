@@ -49,7 +49,9 @@ with one_line_errors(log, mode, "extract_features", exclude):
         device=sm.params.device,
         feature_dtype=sm.params.feature_dtype,
         compile=getattr(sm.params, "compile", False),
-        backbone_options=getattr(sm.params, "backbone_options", None),
+        # the weights pin is read from the config, not a param: adding one must not rerun extraction
+        backbone_options={**(getattr(sm.params, "backbone_options", None) or {}),
+                          "weights_sha256": (sm.config.get("features") or {}).get("weights_sha256")},
         threads=sm.threads,
         extra_attrs={"mpp": meta["mpp"], "mpp_source": meta.get("mpp_source"),
                      "objective_power": meta["objective_power"],

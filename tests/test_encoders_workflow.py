@@ -62,6 +62,10 @@ def test_weights_file_is_an_input_and_pin_errors_reach_the_log(small_run, tmp_pa
         "w.pth": attrs["weights_sha256"]}
     assert attrs["preset"] is None and attrs["pooling"] is None and "torch" in attrs["libraries"]
     assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(snakemake(work, "-n", target))
+    # pinning the file it was extracted with reruns nothing
+    cfg["features"]["weights_sha256"] = attrs["weights_sha256"]
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(snakemake(work, "-n", target))
 
     # replacing the weights file reruns extraction (an input, not only a string param)
     torch.manual_seed(1)

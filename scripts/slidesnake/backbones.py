@@ -41,8 +41,9 @@ from slidesnake.encoders import BackboneError  # noqa: E402,F401  (also this mod
 from slidesnake.io import sha256_file  # noqa: E402,F401  (also this module's API)
 from slidesnake.presets import PRESETS, check_backbone_name  # noqa: E402
 from slidesnake.weightfiles import (  # noqa: E402
+    WEIGHT_SUFFIXES,
     WeightFiles,
-    WeightsError,
+    WeightsError,  # noqa: F401  (also this module's API)
     combined_sha256,
     file_hashes,
     resolve_weight_files,
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
 @dataclass

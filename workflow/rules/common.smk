@@ -258,10 +258,11 @@ def weight_files(wildcards=None):
     return resolve_weight_files(weights, preset.files if preset else ()).inputs
 
 
-# Options of the backbone (features.backbone_kwargs, mean, std, pooling, strip_prefix,
-# weights_sha256), passed to slidesnake.backbones.create_backbone; null ones are left out.
+# Options of the backbone (features.backbone_kwargs, mean, std, pooling, strip_prefix), passed to
+# slidesnake.backbones.create_backbone; null ones are left out. features.weights_sha256 is read by the
+# job from the config (pinning the same file must not rerun extraction).
 BACKBONE_OPTIONS = {
     k: config["features"][k]
-    for k in ("backbone_kwargs", "mean", "std", "pooling", "strip_prefix", "weights_sha256")
+    for k in ("backbone_kwargs", "mean", "std", "pooling", "strip_prefix")
     if config["features"].get(k) not in (None, {})
 }
