@@ -215,6 +215,7 @@ def _create_backbone(name, weights, seed, strip_prefix, backbone_kwargs, mean, s
         hashes = file_hashes([path])
         verify_sha256(hashes, [path], None, weights_sha256)
         sha = combined_sha256(hashes)
+        _check_hub_name_hash(path, sha)
         model = _load_weights(spec, (path,), strip_prefix, path)
         log.info("backbone %s: loaded %s (sha256 %s)", name, path, sha[:12])
     else:
@@ -251,6 +252,19 @@ def _create_backbone(name, weights, seed, strip_prefix, backbone_kwargs, mean, s
 def _hub_checkpoint(url: str) -> Path:
     """Where torch.hub keeps the file downloaded from ``url`` (honours TORCH_HOME)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _check_hub_name_hash(path: Path, sha: str) -> None:
+    """torch.hub names a checkpoint ``<name>-<first hex digits of its sha256>.<ext>`` (what
+    ``torch.hub.download_url_to_file(check_hash=True)`` verifies): a file whose content does not
+    start with that hash is not the published file (e.g. another file saved under its name)."""
+    import re
+
+    m = re.search(r"-([0-9a-f]{8,64})\.[A-Za-z]+$", path.name)
+    if m and not sha.startswith(m.group(1)):
+        raise WeightsError(f"weights {path}: sha256 {sha} does not start with {m.group(1)}, the hash its "
+                           "published name carries: this is not the published file (delete it and put the "
+                           "real one there)")
 
 
 def _find_imagenet_file(name: str, candidates: list[Path], hint: str = "") -> Path:
