@@ -119,8 +119,10 @@ def _transformers4_names(state: dict, dinov2: bool) -> dict:
     out = {}
     for k, v in state.items():
         k = re.sub(r"^layers\.(\d+)\.", r"encoder.layer.\1.", k)
-        for new, old in (("attention.q_proj", "attention.attention.query"), ("attention.k_proj", "attention.attention.key"),
-                         ("attention.v_proj", "attention.attention.value"), ("attention.o_proj", "attention.output.dense")):
+        for new, old in (("attention.q_proj", "attention.attention.query"),
+                         ("attention.k_proj", "attention.attention.key"),
+                         ("attention.v_proj", "attention.attention.value"),
+                         ("attention.o_proj", "attention.output.dense")):
             k = k.replace(new, old)
         if not dinov2:
             k = k.replace("mlp.fc1", "intermediate.dense").replace("mlp.fc2", "output.dense")

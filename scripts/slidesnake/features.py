@@ -345,8 +345,8 @@ def extract_slide(
     runs the backbone through ``torch.compile``. ``precision`` ("auto": bf16 autocast on CUDA,
     float32 on CPU) can force the CUDA branch on CPU; ``channels_last`` (the default on every
     device) can be turned off. ``backbone_options`` are create_backbone's keyword options
-    (backbone_kwargs, mean, std, pooling, strip_prefix, weights_sha256). Returns a summary (tiles per magnification, seconds, tiles/s, device,
-    precision, batch size, workers).
+    (backbone_kwargs, mean, std, pooling, strip_prefix, weights_sha256). Returns a summary (tiles
+    per magnification, seconds, tiles/s, device, precision, batch size, workers).
     """
     cpus = min(int(threads), available_cpus()) if threads else available_cpus()
     if threads:

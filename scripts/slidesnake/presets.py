@@ -45,7 +45,7 @@ class Preset:
     name: str                     # features.backbone value
     title: str                    # human name and paper
     card: str                     # URL of the model card (the source of the fields below)
-    builder: str                  # "timm", "transformers_vit", "transformers_dinov2", "conch_v1", "conch_v1_5", "ctranspath"
+    builder: str                  # timm, transformers_vit, transformers_dinov2, conch_v1, conch_v1_5, ctranspath
     arch: str                     # timm model name the card builds (or the transformers class)
     kwargs: dict                  # the card's architecture arguments; layer classes by name ("SwiGLUPacked", "SiLU")
     input_size: int

@@ -98,9 +98,21 @@ def resolve_weight_files(weights: str | Path, preferred: tuple[str, ...] = ()) -
                           else "") + ")")
 
 
+_HASHES: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256, for this process
+
+
 def file_hashes(files) -> dict[str, str]:
-    """``{file name: sha256}`` of ``files`` (symlinks of an HF snapshot are followed)."""
-    return {Path(f).name: sha256_file(Path(f).resolve()) for f in files}
+    """``{file name: sha256}`` of ``files`` (symlinks of an HF snapshot are followed). Hashed once
+    per file version and process (a process embedding many slides hashes a 4 GB file once)."""
+    out = {}
+    for f in files:
+        real = Path(f).resolve()
+        st = real.stat()
+        key = (str(real), st.st_size, st.st_mtime_ns)
+        if key not in _HASHES:
+            _HASHES[key] = sha256_file(real)
+        out[Path(f).name] = _HASHES[key]
+    return out
 
 
 def hub_blob_sha256(files) -> dict[str, str]:
@@ -142,7 +154,8 @@ def verify_sha256(hashes: dict[str, str], files, expected: dict[str, str] | None
     elif pinned:
         total = combined_sha256(hashes)
         if total != str(pinned).lower():
-            what = by_name[next(iter(hashes))] if len(hashes) == 1 else f"{len(hashes)} shards in {next(iter(by_name.values())).parent}"
+            first = next(iter(by_name.values()))
+            what = first if len(hashes) == 1 else f"{len(hashes)} shards in {first.parent}"
             raise WeightsError(f"weights {what}: sha256 {total} does not match features.weights_sha256 "
                                f"{str(pinned).lower()}; the file differs from the one pinned (replace it, or "
                                "update the pin if the change is intended)")
