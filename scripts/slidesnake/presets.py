@@ -90,7 +90,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
         kwargs={"img_size": 224, "init_values": 1e-5, "reg_tokens": 4, "mlp_ratio": 5.3375,
                 "global_pool": "", "dynamic_img_size": True, "mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"},
         input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, pooling="cls+mean", feature_dim=2560,
-        params="632M", licence="CC-BY-NC-ND-4.0, gated",
+        params="631M", licence="CC-BY-NC-ND-4.0, gated",
         weights_from="huggingface.co/paige-ai/Virchow2: model.safetensors / pytorch_model.bin",
         files=("model.safetensors", "pytorch_model.bin"),
         notes="the card's embedding: class token || mean of the 256 patch tokens (the 4 register tokens "
@@ -160,7 +160,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
         kwargs={"img_size": 448, "patch_size": 16, "embed_dim_contrast": 512, "attn_pooler_heads": 8,
                 "dynamic_img_size": True},
         input_size=448, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, pooling="attn_pool", feature_dim=512,
-        params="90M", licence="CC-BY-NC-ND-4.0, gated",
+        params="88M", licence="CC-BY-NC-ND-4.0, gated",
         weights_from="huggingface.co/MahmoodLab/CONCH: pytorch_model.bin", files=("pytorch_model.bin",),
         convert="conch_v1", package="open_clip_torch",
         notes="encode_image(proj_contrast=False, normalize=False): the contrastive attentional "
