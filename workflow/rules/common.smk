@@ -57,7 +57,7 @@ if MISSING and config["on_bad_slide"] == "skip":
 
 OUT = config["outdir"]
 SLIDES = list(samples["slide_id"])
-# Output folder of the backbone: any name made safe (no '/' nesting, no ':'); hub names refused here.
+# Output folder of the backbone: any name made safe (no slash nesting, no colon); hub names refused here.
 check_backbone_name(config["features"]["backbone"])
 BACKBONE = backbone_dirname(config["features"]["backbone"])
 MODEL = config["training"]["model"]
