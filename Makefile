@@ -9,7 +9,7 @@ DEMO_PREDICT ?= resources/demo_predict
 DEMO_COUPLED ?= resources/demo_coupled
 XDG_CONFIG_HOME ?= $(HOME)/.config
 
-.PHONY: demo demo-data test test-fast lint dry-run report clean help slurm-profile demo-cma demo-multistain demo-multistain-data predict-demo predict-demo-data demo-coupled demo-coupled-data bench-features bench-tiling bench-dag
+.PHONY: demo demo-data test test-fast lint dry-run report clean help slurm-profile demo-cma demo-multistain demo-multistain-data predict-demo predict-demo-data demo-coupled demo-coupled-data bench-features bench-tiling bench-dag bench-encoders
 
 help:
 	@echo "make demo   - create $(VENV), generate the demo cohort, run the whole pipeline on it"
@@ -23,6 +23,7 @@ help:
 	@echo "make bench-features - feature extraction vs the backbone alone and a naive loader (BENCH_ARGS='--size 8000' for a quick run)"
 	@echo "make bench-tiling - tiling + tissue filtering of a 100k x 100k px slide: time, tiles/s, peak memory"
 	@echo "make bench-dag - time of snakemake -n (DAG building) for 500, 1000 and 5000 placeholder slides"
+	@echo "make bench-encoders - tiles/s and parameters of every foundation-model preset at full size (random weights)"
 	@echo "make slurm-profile - link workflow/profiles/slurm to $(XDG_CONFIG_HOME)/snakemake/slurm (--profile slurm)"
 
 # The environment: re-installed when pyproject.toml changes.
@@ -87,6 +88,11 @@ bench-tiling: $(BIN)/.installed
 # DAG building benchmark (docs/benchmarks.md): snakemake -n on sheets of placeholder slides.
 bench-dag: $(BIN)/.installed
 	$(BIN)/python scripts/bench/bench_dag.py $(BENCH_DAG_ARGS)
+
+# Foundation-model presets at full size, random weights: tiles/s and parameters (docs/benchmarks.md).
+# E.g. BENCH_ENCODERS_ARGS='--presets uni ctranspath --batch-size 8'.
+bench-encoders: $(BIN)/.installed
+	PYTHONPATH=scripts $(BIN)/python scripts/bench/bench_encoders.py $(BENCH_ENCODERS_ARGS)
 
 lint: demo-data
 	$(BIN)/snakemake --configfile config/demo.yaml --lint

@@ -50,6 +50,9 @@ job = dict(
     device=sm.params.device,
     feature_dtype=sm.params.feature_dtype,
     compile=getattr(sm.params, "compile", False),
+    # the weights pin is read from the config, not a param: adding one must not rerun extraction
+    backbone_options={**(getattr(sm.params, "backbone_options", None) or {}),
+                      "weights_sha256": features_cfg.get("weights_sha256")},
     threads=sm.threads,
     extra_attrs={"mpp": meta["mpp"], "mpp_source": meta.get("mpp_source"),
                  "objective_power": meta["objective_power"],

@@ -7,12 +7,13 @@ from slidesnake.bags import NonFiniteError
 from slidesnake.errors import one_line_errors
 from slidesnake.io import setup_logging
 from slidesnake.stages import train_job
+from slidesnake.store import MixedEncodersError
 
 sm = snakemake  # noqa: F821
 log = setup_logging(sm.log[0] if sm.log else None)
 torch.set_num_threads(max(1, int(sm.threads)))
 # NaN / Inf features or a non-finite loss stop the job with one line naming the slide (and fold and epoch).
-with one_line_errors(log, also=(NonFiniteError,)):
+with one_line_errors(log, also=(NonFiniteError, MixedEncodersError)):
     train_job(features=list(sm.input.features), splits=sm.input.splits, samples=sm.input.samples,
               fold=int(sm.params.fold), classes=list(sm.params.classes), model=sm.params.model,
               model_kwargs=sm.params.model_kwargs, training=sm.params.training,

@@ -113,8 +113,20 @@ def test_imagenet_uses_cached_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
-    torch.save(torchvision.models.shufflenet_v2_x1_0(weights=None).state_dict(),
-               cache / "shufflenetv2_x1-5666bf0f80.pth")
+    fake = cache / "shufflenetv2_x1-5666bf0f80.pth"
+    torch.save(torchvision.models.shufflenet_v2_x1_0(weights=None).state_dict(), fake)
+    # a random file under torchvision's name is not the published file: its sha256 does not start
+    # with the hash the name carries (what torch.hub checks when it downloads)
+    with pytest.raises(ValueError) as e:
+        create_backbone("shufflenet_v2", weights="imagenet")
+    assert "\n" not in str(e.value) and str(fake) in str(e.value) and sha256_file(fake) in str(e.value)
+    assert "5666bf0f80" in str(e.value)
+
+    # a file whose content matches its name's hash prefix is used
+    from slidesnake import backbones
+
+    real = cache / f"shufflenetv2_x1-{sha256_file(fake)[:10]}.pth"
+    fake.rename(real)
+    monkeypatch.setattr(backbones, "_find_imagenet_file", lambda *a: real)
     bb = create_backbone("shufflenet_v2", weights="imagenet")
-    assert bb.weights == "imagenet:shufflenetv2_x1-5666bf0f80.pth"
-    assert bb.weights_sha256 == sha256_file(cache / "shufflenetv2_x1-5666bf0f80.pth")
+    assert bb.weights == f"imagenet:{real.name}" and bb.weights_sha256 == sha256_file(real)

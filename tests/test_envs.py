@@ -38,6 +38,8 @@ CONDA_NAME: dict[str, tuple[str, ...]] = {
     "jsonschema": ("jsonschema",),
     "tifffile": ("tifffile",),
     "imagecodecs": ("imagecodecs",),
+    "transformers": ("transformers",),
+    "open_clip": ("open-clip-torch", "open_clip_torch"),
 }
 # pandas reads and writes Parquet through pyarrow without importing it
 IMPLICIT_BY_ATTRIBUTE = {"read_parquet": "pyarrow", "to_parquet": "pyarrow"}

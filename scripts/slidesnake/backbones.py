@@ -11,26 +11,49 @@ Weights are never downloaded:
   caches; a missing file is an error naming the file and the directory to put it in;
 * a path to ``.pth`` / ``.pt`` / ``.bin`` (a state dict, raw or under ``state_dict`` / ``model``) or
   ``.safetensors``, loaded strictly into the full model before truncation, or into the truncated
-  trunk when the keys fit that instead (e.g. a checkpoint saved from a truncated ResNet).
+  trunk when the keys fit that instead (e.g. a checkpoint saved from a truncated ResNet);
+* a Hugging Face model folder or cache snapshot (``config.json`` + safetensors / bin, sharded too;
+  :mod:`slidesnake.weightfiles`).
+
+Pathology foundation models are presets (``create_backbone("uni", weights=<folder>)``): the
+model card's architecture, input size, normalisation and pooling (:mod:`slidesnake.presets`,
+builders in :mod:`slidesnake.encoders`). ``backbone_kwargs``, ``mean``/``std``, ``pooling`` and
+``strip_prefix`` adapt a preset or a ``timm:`` model without code; ``weights_sha256`` pins the
+weights. Hub names (``timm:hf-hub:...``) are refused: nothing here ever reaches for a hub.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
-import torch
-from torch import nn
+# Never reach for a model hub, whatever a library would like to do (set before timm / transformers
+# / huggingface_hub are imported by a builder).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
-from slidesnake.io import sha256_file  # noqa: F401  (also this module's API)
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from slidesnake.encoders import BackboneError  # noqa: E402,F401  (also this module's API)
+from slidesnake.io import sha256_file  # noqa: E402,F401  (also this module's API)
+from slidesnake.presets import PRESETS, check_backbone_name  # noqa: E402
+from slidesnake.weightfiles import (  # noqa: E402
+    WEIGHT_SUFFIXES,
+    WeightFiles,
+    WeightsError,  # noqa: F401  (also this module's API)
+    combined_sha256,
+    file_hashes,
+    resolve_weight_files,
+    verify_sha256,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
 @dataclass
@@ -44,8 +67,13 @@ class Backbone:
     mean: tuple[float, float, float]       # per-channel normalisation of [0, 1] images
     std: tuple[float, float, float]
     weights: str                           # "none", "imagenet:<file>" or the checkpoint path
-    weights_sha256: str | None             # sha256 of the weights file; None for random init
+    weights_sha256: str | None             # sha256 of the weights file (shards: weightfiles.combined_sha256)
     preferred_dtype: torch.dtype = torch.bfloat16  # autocast dtype on CUDA; CPU computes in float32
+    preset: str | None = None              # slidesnake.presets name, None for other backbones
+    kwargs: dict = field(default_factory=dict)          # resolved architecture arguments (JSON-able)
+    pooling: str | None = None             # how tokens became one vector (presets.POOLINGS, attn_pool)
+    weights_files: dict = field(default_factory=dict)   # file name -> sha256 of every weights file
+    libraries: dict = field(default_factory=dict)       # versions of the libraries that built it
 
     def compute_dtype(self, device: torch.device | str) -> torch.dtype:
         return self.preferred_dtype if torch.device(device).type == "cuda" else torch.float32
@@ -54,7 +82,9 @@ class Backbone:
         """Store attributes describing this backbone (JSON-serialisable)."""
         return {"backbone": self.name, "weights": self.weights, "weights_sha256": self.weights_sha256,
                 "feature_dim": self.feature_dim, "input_size": self.input_size,
-                "mean": list(self.mean), "std": list(self.std)}
+                "mean": list(self.mean), "std": list(self.std),
+                "preset": self.preset, "backbone_kwargs": dict(self.kwargs), "pooling": self.pooling,
+                "weights_files": dict(self.weights_files), "libraries": dict(self.libraries)}
 
 
 @dataclass
@@ -70,60 +100,148 @@ class BackboneSpec:
     imagenet_files: list[Path] = field(default_factory=list)  # where cached ImageNet weights may be
     drop_keys: tuple[str, ...] = ()        # checkpoint key prefixes to ignore (a removed head)
     imagenet_hint: str = ""                # said when no ImageNet file is known or found
+    convert: Callable[[dict, nn.Module], dict] | None = None  # published keys -> the builder's
+    resolved: dict = field(default_factory=dict)  # architecture arguments as built (JSON-able)
+    pooling: str | None = None
+    loaded: bool = False                   # the builder already loaded the weights (transformers)
 
 
 _REGISTRY: dict[str, Callable[..., BackboneSpec]] = {}
+_OPTIONS: set[str] = set()  # builders that take backbone_kwargs / pooling / the weights' files
 
 
-def register_backbone(name: str):
+def register_backbone(name: str, options: bool = False):
     """Register a builder under ``name``. A name ending in ':' is a family (e.g. ``"timm:"``): its
-    builder receives the rest of the requested name (``"timm:vit_small_patch16_224"``)."""
+    builder receives the rest of the requested name (``"timm:vit_small_patch16_224"``). With
+    ``options`` the builder also receives ``kwargs`` (features.backbone_kwargs), ``pooling`` and
+    ``weights`` (the :class:`~slidesnake.weightfiles.WeightFiles`, or None)."""
 
     def deco(fn: Callable[..., BackboneSpec]):
         if name in _REGISTRY:
             raise ValueError(f"backbone {name!r} is already registered")
         _REGISTRY[name] = fn
+        if options:
+            _OPTIONS.add(name)
         return fn
 
     return deco
 
 
 def list_backbones() -> list[str]:
+    """Every registered name: the fixed backbones, the presets (slidesnake.presets) and families."""
     return sorted(n + "<model_name>" if n.endswith(":") else n for n in _REGISTRY)
 
 
+def _libraries(preset_package: str | None) -> dict:
+    import importlib.metadata as md
+
+    names = ["torch", "torchvision", "timm", "safetensors"] + ([preset_package] if preset_package else [])
+    out = {}
+    for n in names:
+        try:
+            out[n] = md.version(n)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
 def create_backbone(name: str, weights: str | Path = "none", seed: int = 0,
-                    strip_prefix: str | None = None) -> Backbone:
-    """Build backbone ``name`` with ``weights`` ("none", "imagenet" or a checkpoint path)."""
+                    strip_prefix: str | None = None, *, backbone_kwargs: Mapping[str, Any] | None = None,
+                    mean=None, std=None, pooling: str | None = None,
+                    weights_sha256: str | Mapping[str, str] | None = None) -> Backbone:
+    """Build backbone ``name`` with ``weights`` ("none", "imagenet", a file or a model folder).
+
+    ``backbone_kwargs`` (plain values; ``*_layer`` values name classes) are merged over a preset's
+    card arguments or passed to ``timm.create_model``; ``mean``/``std`` replace the normalisation;
+    ``pooling`` one of slidesnake.presets.POOLINGS; ``strip_prefix`` is removed from checkpoint
+    keys; ``weights_sha256`` pins the weights (one sha256, or file name -> sha256). Errors are
+    logged (one line, in the job's log) before they are raised.
+    """
+    try:
+        return _create_backbone(name, weights, seed, strip_prefix, backbone_kwargs, mean, std, pooling,
+                                weights_sha256)
+    except (ValueError, KeyError, FileNotFoundError, ImportError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        log.error("backbone %s: %s", name, " ".join(str(msg).split()))
+        raise
+
+
+def _create_backbone(name, weights, seed, strip_prefix, backbone_kwargs, mean, std, pooling,
+                     weights_sha256) -> Backbone:
+    check_backbone_name(name)
     family, sep, arch = name.partition(":")
     if sep and family + ":" in _REGISTRY:
-        builder, args = _REGISTRY[family + ":"], (arch,)
+        key, args = family + ":", (arch,)
     elif name in _REGISTRY:
-        builder, args = _REGISTRY[name], ()
+        key, args = name, ()
     else:
         raise KeyError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}")
+    builder = _REGISTRY[key]
+    preset = PRESETS.get(name)
+    if key not in _OPTIONS and (backbone_kwargs or pooling):
+        raise BackboneError(f"backbone {name!r} takes no features.backbone_kwargs / features.pooling; "
+                            "use a preset or timm:<model_name>")
+
+    weights = str(weights)
+    files: WeightFiles | None = None
+    if weights == "imagenet" and preset is not None:
+        raise BackboneError(f"backbone {name!r} has no ImageNet weights: set features.weights to its "
+                            f"published weights ({preset.weights_from}; docs/features.md)")
+    if weights not in ("none", "imagenet"):
+        files = resolve_weight_files(weights, preset.files if preset else ())
+    elif weights == "none" and weights_sha256:
+        raise BackboneError("features.weights_sha256 is set but features.weights is none (random init)")
+
+    hashes, sha = {}, None
+    if files is not None:  # verified before anything reads the file
+        hashes = file_hashes(files.files)
+        verify_sha256(hashes, files.files, preset.sha256 if preset else None, weights_sha256)
+        sha = combined_sha256(hashes)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        spec = builder(*args)
+        if key in _OPTIONS:
+            spec = builder(*args, kwargs=dict(backbone_kwargs or {}), pooling=pooling, weights=files)
+        else:
+            spec = builder(*args)
 
-    weights = str(weights)
     if weights == "none":
         log.warning("backbone %s: random weights (seed %d), features are NOT pretrained; "
                     "use this for tests and the demo only", name, seed)
-        model, label, sha = spec.truncate(spec.full), "none", None
-    else:
-        if weights == "imagenet":
-            path = _find_imagenet_file(name, spec.imagenet_files, spec.imagenet_hint)
-            label = f"imagenet:{path.name}"
-        else:
-            path = Path(weights).expanduser().resolve()
-            label = str(path)
-        model, sha = _load_weights(spec, path, strip_prefix), sha256_file(path)
+        model, label = spec.truncate(spec.full), "none"
+    elif weights == "imagenet":
+        path = _find_imagenet_file(name, spec.imagenet_files, spec.imagenet_hint)
+        label = f"imagenet:{path.name}"
+        hashes = file_hashes([path])
+        verify_sha256(hashes, [path], None, weights_sha256)
+        sha = combined_sha256(hashes)
+        _check_hub_name_hash(path, sha)
+        model = _load_weights(spec, (path,), strip_prefix, path)
         log.info("backbone %s: loaded %s (sha256 %s)", name, path, sha[:12])
+    else:
+        label = str(files.given)
+        if spec.loaded:
+            if strip_prefix:
+                raise BackboneError(f"backbone {name!r}: strip_prefix is not used (transformers maps the keys)")
+            model = spec.truncate(spec.full)
+        else:
+            model = _load_weights(spec, files.files, strip_prefix, files.given)
+        log.info("backbone %s: loaded %s (%d file(s), sha256 %s)", name, files.given, len(files.files), sha[:12])
+
+    def triple(v, what):
+        if v is None:
+            return None
+        v = tuple(float(x) for x in v)
+        if len(v) != 3:
+            raise BackboneError(f"features.{what} must have 3 values (R, G, B), got {list(v)}")
+        return v
+
+    mean_, std_ = triple(mean, "mean") or tuple(spec.mean), triple(std, "std") or tuple(spec.std)
     return Backbone(model=model.eval(), name=name, feature_dim=spec.feature_dim,
-                    input_size=spec.input_size, mean=tuple(spec.mean), std=tuple(spec.std),
-                    weights=label, weights_sha256=sha)
+                    input_size=spec.input_size, mean=mean_, std=std_,
+                    weights=label, weights_sha256=sha, preset=preset.name if preset else None,
+                    kwargs=dict(spec.resolved), pooling=spec.pooling, weights_files=hashes,
+                    libraries=_libraries(preset.package if preset else None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +252,19 @@ def create_backbone(name: str, weights: str | Path = "none", seed: int = 0,
 def _hub_checkpoint(url: str) -> Path:
     """Where torch.hub keeps the file downloaded from ``url`` (honours TORCH_HOME)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _check_hub_name_hash(path: Path, sha: str) -> None:
+    """torch.hub names a checkpoint ``<name>-<first hex digits of its sha256>.<ext>`` (what
+    ``torch.hub.download_url_to_file(check_hash=True)`` verifies): a file whose content does not
+    start with that hash is not the published file (e.g. another file saved under its name)."""
+    import re
+
+    m = re.search(r"-([0-9a-f]{8,64})\.[A-Za-z]+$", path.name)
+    if m and not sha.startswith(m.group(1)):
+        raise WeightsError(f"weights {path}: sha256 {sha} does not start with {m.group(1)}, the hash its "
+                           "published name carries: this is not the published file (delete it and put the "
+                           "real one there)")
 
 
 def _find_imagenet_file(name: str, candidates: list[Path], hint: str = "") -> Path:
@@ -168,11 +299,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _load_weights(spec: BackboneSpec, path: Path, strip_prefix: str | None) -> nn.Module:
-    """Load ``path`` strictly into the full model (then truncate) or else into the trunk."""
-    state = read_state_dict(path)
+def _load_weights(spec: BackboneSpec, files, strip_prefix: str | None, path: Path) -> nn.Module:
+    """Load ``files`` (one file or the shards of one state dict; ``path``: what the config named)
+    strictly into the full model (then truncate) or else into the trunk. The preset's key
+    conversion (``spec.convert``) runs after ``strip_prefix``."""
+    state = {}
+    for f in files:
+        state.update(read_state_dict(f))
     if strip_prefix:
         state = {k[len(strip_prefix):] if k.startswith(strip_prefix) else k: v for k, v in state.items()}
+    if spec.convert is not None:
+        state = spec.convert(state, spec.full)
     if spec.drop_keys:
         state = {k: v for k, v in state.items() if not k.startswith(spec.drop_keys)}
 
@@ -271,30 +408,50 @@ def _densenet121() -> BackboneSpec:
     return _torchvision(densenet121, DenseNet121_Weights.IMAGENET1K_V1, ("features",), 1024, tail)
 
 
-@register_backbone("timm:")
-def _timm(arch: str) -> BackboneSpec:
-    """Any timm model without its classifier (``num_classes=0``), normalised as timm says."""
+@register_backbone("timm:", options=True)
+def _timm(arch: str, kwargs: dict, pooling: str | None, weights: WeightFiles | None) -> BackboneSpec:
+    """Any timm model without its classifier (``num_classes=0``) built with ``kwargs``
+    (features.backbone_kwargs), pooled by ``pooling`` (default: the model's own), normalised as
+    timm says. Never from a hub: ``pretrained=False``, hub names are refused."""
     import timm
 
-    if not arch:
-        raise KeyError("timm backbones are named 'timm:<model_name>', e.g. 'timm:vit_small_patch16_224'")
-    model = timm.create_model(arch, pretrained=False, num_classes=0)
+    from slidesnake.encoders import build_timm
+
+    model, trunk, dim, size, resolved = build_timm(arch, kwargs, pooling, f"timm:{arch}")
     cfg = timm.data.resolve_model_data_config(model)
-    _, h, w = cfg["input_size"]
-    if h != w:
-        raise ValueError(f"timm:{arch}: non-square input size {h}x{w} is not supported")
     pcfg = model.pretrained_cfg or {}
     files = _hf_cached_files(pcfg["hf_hub_id"]) if pcfg.get("hf_hub_id") else []
     if pcfg.get("url") and not pcfg["url"].endswith(".npz"):  # .npz needs timm's own converter
         files.append(_hub_checkpoint(pcfg["url"]))
     head = pcfg.get("classifier") or ()
     return BackboneSpec(
-        full=model, truncate=lambda m: m, feature_dim=int(model.num_features), input_size=int(h),
+        full=model, truncate=trunk, feature_dim=dim, input_size=size,
         mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), imagenet_files=files,
         drop_keys=tuple(f"{c}." for c in ([head] if isinstance(head, str) else head)),
         imagenet_hint=(f"or the Hugging Face repo {pcfg['hf_hub_id']} in the HF cache"
                        if pcfg.get("hf_hub_id") else ""),
+        resolved=resolved, pooling=resolved.get("pooling"),
     )
+
+
+def _preset_builder(preset_name: str):
+    def build(kwargs: dict, pooling: str | None, weights: WeightFiles | None) -> BackboneSpec:
+        from slidesnake.encoders import build_preset
+
+        p = PRESETS[preset_name]
+        b = build_preset(p, kwargs, pooling, config_path=weights.config if weights else None,
+                         files=weights.files if weights else None)
+        return BackboneSpec(full=b["full"], truncate=b["truncate"], feature_dim=b["feature_dim"],
+                            input_size=b["input_size"], mean=tuple(p.mean), std=tuple(p.std),
+                            convert=b["convert"], resolved=b["resolved"], pooling=b["pooling"],
+                            loaded=b["loaded"])
+
+    build.__doc__ = f"{PRESETS[preset_name].title}: {PRESETS[preset_name].card}"
+    return build
+
+
+for _name in PRESETS:
+    register_backbone(_name, options=True)(_preset_builder(_name))
 
 
 def _hf_cached_files(repo_id: str) -> list[Path]:

@@ -28,6 +28,7 @@ The store's schema is documented in docs/features.md.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -337,6 +338,7 @@ def extract_slide(
     precision: str = "auto",
     channels_last: bool = True,
     extra_attrs: Mapping | None = None,
+    backbone_options: Mapping | None = None,
 ) -> dict:
     """Extract features of the kept tiles of one slide into the store ``out_path``.
 
@@ -345,8 +347,9 @@ def extract_slide(
     else the CPUs this process may use); ``threads`` also sets torch's CPU threads. ``compile``
     runs the backbone through ``torch.compile``. ``precision`` ("auto": bf16 autocast on CUDA,
     float32 on CPU) can force the CUDA branch on CPU; ``channels_last`` (the default on every
-    device) can be turned off. Returns a summary (tiles per magnification, seconds, tiles/s, device,
-    precision, batch size, workers).
+    device) can be turned off. ``backbone_options`` are create_backbone's keyword options
+    (backbone_kwargs, mean, std, pooling, strip_prefix, weights_sha256). Returns a summary (tiles
+    per magnification, seconds, tiles/s, device, precision, batch size, workers).
     """
     cpus = min(int(threads), available_cpus()) if threads else available_cpus()
     if threads:
@@ -359,7 +362,8 @@ def extract_slide(
     total = len(kept)
 
     dev = resolve_device(device)
-    bb, embed, batch = _model(backbone, weights, dev, batch_size, precision, channels_last, compile)
+    bb, embed, batch = _model(backbone, weights, dev, batch_size, precision, channels_last, compile,
+                              backbone_options)
     workers = resolve_num_workers(num_workers, dev, cpus)
     extra = _jsonable(extra_attrs or {})
     attrs = {
@@ -460,14 +464,16 @@ def _weights_key(weights: str) -> tuple:
 
 
 def _model(backbone: str, weights: str, dev: torch.device, batch_size, precision: str,
-           channels_last: bool, compile: bool) -> tuple[Backbone, "_Embedder", int]:
+           channels_last: bool, compile: bool, backbone_options: Mapping | None = None,
+           ) -> tuple[Backbone, "_Embedder", int]:
     """(backbone, embedder, batch size) for this configuration, built once per process."""
-    key = (backbone, _weights_key(weights), str(dev), str(batch_size), precision, bool(channels_last),
-           bool(compile))
+    options = dict(backbone_options or {})
+    key = (backbone, _weights_key(weights), json.dumps(options, sort_keys=True, default=str), str(dev),
+           str(batch_size), precision, bool(channels_last), bool(compile))
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
         t0 = time.perf_counter()
-        bb = create_backbone(backbone, weights=weights)
+        bb = create_backbone(backbone, weights=weights, **options)
         batch = resolve_batch_size(batch_size, dev, bb.input_size)
         embed = _Embedder(bb, dev, precision=precision, channels_last=channels_last, compile=compile,
                           batch_size=batch)

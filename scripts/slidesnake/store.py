@@ -222,3 +222,47 @@ def open_store(path: str | os.PathLike) -> FeatureStore:
     if not path.is_dir():
         raise FileNotFoundError(f"feature store not found: {path}")
     return FeatureStore(path=path, root=zarr.open_group(str(path), mode="r"))
+
+
+# Root attributes that identify the encoder which wrote a store (slidesnake.backbones.Backbone.provenance);
+# stores written before an attribute existed simply lack it.
+ENCODER_ATTRS = ("backbone", "preset", "weights_sha256", "pooling", "feature_dim", "input_size", "mean", "std",
+                 "backbone_kwargs")
+
+
+def encoder_of(attrs: Mapping) -> dict:
+    """The encoder identity recorded in a store's root attributes (see ENCODER_ATTRS)."""
+    return {k: attrs.get(k) for k in ENCODER_ATTRS if attrs.get(k) not in (None, {})}
+
+
+def _describe_encoder(enc: Mapping) -> str:
+    sha = enc.get("weights_sha256")
+    parts = [str(enc.get("backbone", "?")), f"weights sha256 {sha[:12]}" if sha else "random weights"]
+    parts += [f"{k} {enc[k]}" for k in ("pooling", "feature_dim") if k in enc]
+    return ", ".join(parts)
+
+
+class MixedEncodersError(ValueError):
+    """Feature stores of one training set were written by different encoders."""
+
+
+def check_same_encoder(paths) -> None:
+    """Refuse feature stores written by different encoders (backbone, weights, pooling, input,
+    normalisation): one line naming two stores and their encoders. Stores of excluded slides
+    (no features) are not compared."""
+    first = None
+    for p in paths:
+        attrs = dict(zarr.open_group(str(p), mode="r").attrs)
+        if attrs.get("excluded"):
+            continue
+        enc = encoder_of(attrs)
+        if first is None:
+            first = (p, enc)
+            continue
+        ref = first[1]
+        diff = sorted(k for k in set(ref) | set(enc) if ref.get(k) != enc.get(k))
+        if diff:
+            raise MixedEncodersError(
+                f"feature stores from different encoders cannot be mixed: {first[0]} ({_describe_encoder(ref)}) "
+                f"and {p} ({_describe_encoder(enc)}) differ in {', '.join(diff)}; extract every slide with one "
+                "features.backbone / weights (delete the stale stores to re-extract them)")

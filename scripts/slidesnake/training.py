@@ -73,12 +73,15 @@ def load_bags(stores: Sequence[str | os.PathLike], magnification: float | None,
     gives an :class:`~slidesnake.bags.ExcludedBag` (logged; training skips it with the reason);
     NaN / Inf features raise :class:`~slidesnake.bags.NonFiniteError` naming the slide.
     """
+    from slidesnake.store import check_same_encoder
+
     log = log or _log
     by_id = stores_by_slide(stores)
     wanted = list(by_id) if slide_ids is None else [str(s) for s in slide_ids]
     missing = [s for s in wanted if s not in by_id]
     if missing:
         raise KeyError(f"no feature store for slide(s) {missing[:10]} ({len(missing)} in all)")
+    check_same_encoder(by_id[s] for s in wanted)  # one encoder's features per model
     return bag_kind(bag_type).load(by_id, wanted, magnification=magnification, magnifications=magnifications,
                                    samples=samples, log=log)
 

@@ -9,6 +9,7 @@ sys.path.insert(0, os.path.join(workflow.basedir, "..", "scripts"))
 from slidesnake.coupling import check_model as check_coupling_model
 from slidesnake.io import sha256_file
 from slidesnake.predict import fold_checkpoints
+from slidesnake.presets import PRESETS, backbone_dirname, check_backbone_name
 from slidesnake.samples import (
     SampleSheetError,
     check_predict_sheet,
@@ -57,7 +58,9 @@ if MISSING and config["on_bad_slide"] == "skip":
 
 OUT = config["outdir"]
 SLIDES = list(samples["slide_id"])
-BACKBONE = config["features"]["backbone"].replace(":", "-")
+# Output folder of the backbone: any name made safe (no slash nesting, no colon); hub names refused here.
+check_backbone_name(config["features"]["backbone"])
+BACKBONE = backbone_dirname(config["features"]["backbone"])
 MODEL = config["training"]["model"]
 FOLDS = list(range(config["splits"]["k"]))
 # Tiled magnifications as numbers: entries "0.5um" (pixel-size targets) are named by their nominal
@@ -280,3 +283,27 @@ def heatmap_store(wildcards):
     if not ROUNDS:
         return f"{OUT}/features/{BACKBONE}/{wildcards.slide}.zarr"
     return [round_store(k, ROUNDS, wildcards.slide) for k in FOLDS]
+
+
+# --------------------------------------------------------------------------- features (rules/features.smk)
+def weight_files(wildcards=None):
+    """The files of features.weights (a file, an HF model folder or cache snapshot: config.json and
+    every shard) as inputs of extract_features: replacing one reruns extraction. "none" and
+    "imagenet" (torchvision's cache) have none. A missing file is reported while the DAG is built."""
+    from slidesnake.weightfiles import resolve_weight_files
+
+    weights = str(config["features"]["weights"])
+    if weights in ("none", "imagenet"):
+        return []
+    preset = PRESETS.get(config["features"]["backbone"])
+    return resolve_weight_files(weights, preset.files if preset else ()).inputs
+
+
+# Options of the backbone (features.backbone_kwargs, mean, std, pooling, strip_prefix), passed to
+# slidesnake.backbones.create_backbone; null ones are left out. features.weights_sha256 is read by the
+# job from the config (pinning the same file must not rerun extraction).
+BACKBONE_OPTIONS = {
+    k: config["features"][k]
+    for k in ("backbone_kwargs", "mean", "std", "pooling", "strip_prefix")
+    if config["features"].get(k) not in (None, {})
+}

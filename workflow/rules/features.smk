@@ -5,6 +5,8 @@ rule extract_features:
         meta=rules.tile.output.meta,
         # the exclusion marker of filter_tissue (config on_bad_slide: skip)
         qc=rules.filter_tissue.output.qc,
+        # the weights file(s) of features.weights: replacing them reruns extraction
+        weights=weight_files,
     output:
         store=directory(f"{OUT}/features/{BACKBONE}/{{slide}}.zarr"),
     log:
@@ -21,6 +23,7 @@ rule extract_features:
         device=config["features"]["device"],
         feature_dtype=config["features"]["feature_dtype"],
         compile=config["features"]["compile"],
+        backbone_options=BACKBONE_OPTIONS,
     script:
         "../../scripts/extract_features.py"
 
