@@ -260,6 +260,16 @@ if ROUNDS:
     check_coupling_model(MODEL)
 
 
+# Every coupling setting but `rounds` is a param of the round jobs (rules/coupling.smk).
+_COUPLING_STEP = {k: v for k, v in COUPLING.items() if k != "rounds"}
+
+
+def _previous_embedder(wildcards):
+    """Round r-1's embedder weights (round 1 starts from features.weights: no input)."""
+    r = int(wildcards.round)
+    return [] if r == 1 else f"{COUPLING_DIR}/round_{r - 1}/fold_{wildcards.fold}/embedder.pth"
+
+
 def round_store(fold, rnd, slide):
     if int(rnd) == 0:
         return f"{OUT}/features/{BACKBONE}/{slide}.zarr"

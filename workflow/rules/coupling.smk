@@ -6,14 +6,6 @@
 # features/ and models/. Every setting but `rounds` is a param of the round jobs, so adding a round
 # runs only the new round's jobs, and no coupling setting ever reruns round 0.
 
-_COUPLING_STEP = {k: v for k, v in COUPLING.items() if k != "rounds"}
-
-
-def _previous_embedder(wildcards):
-    """Round r-1's embedder weights (round 1 starts from features.weights: no input)."""
-    r = int(wildcards.round)
-    return [] if r == 1 else f"{COUPLING_DIR}/round_{r - 1}/fold_{wildcards.fold}/embedder.pth"
-
 
 rule coupling_embedder:
     input:
