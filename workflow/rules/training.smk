@@ -3,7 +3,7 @@
 # training does anyway (docs/design.md, "Splits after exclusions").
 rule make_splits:
     input:
-        samples=config["samples"],
+        samples=splits_sheet,
         excluded=rules.excluded_table.output.table,
     output:
         splits=f"{OUT}/splits/splits.csv",
