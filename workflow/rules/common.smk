@@ -6,7 +6,7 @@ from snakemake.utils import validate
 
 # The package lives beside the rule scripts; importable without installation.
 sys.path.insert(0, os.path.join(workflow.basedir, "..", "scripts"))
-from slidesnake.config import check_splittable, load_config, validate_schema
+from slidesnake.config import load_config, validate_schema
 from slidesnake.io import sha256_file
 from slidesnake.predict import fold_checkpoints
 from slidesnake.samples import (
@@ -59,9 +59,20 @@ check_sheet(
     schema=os.path.join(workflow.basedir, "schemas", "samples.schema.yaml"),
 )
 validate(samples, schema="../schemas/samples.schema.yaml")
-# Typed config sections and the cross-field checks (registries, magnifications): mistakes stop here,
-# before any job, in one line (slidesnake.config). k against the patients of each class: splits_sheet.
-CFG = load_config(config, os.path.join(workflow.basedir, "schemas", "config.schema.yaml"))
+# Typed config sections and the cross-field checks (registries, magnifications, k against the
+# patients of each class): mistakes stop here, before any job, in one line (slidesnake.config).
+# The sheet-against-k checks are left out only when every target is a per-slide output (tiles,
+# tissue, features): such targets work with any sheet.
+# (Snakemake sets its targets after parsing: the command line is read here.)
+_ARGS = [a for a in sys.argv[1:] if not a.startswith("-")]
+_PER_SLIDE_ONLY = any(
+    f"/{d}/" in f"/{a}" for a in _ARGS for d in ("tiles", "tissue", "features")
+) and not any(a in ("all", "predict") or a.endswith(("splits.csv", "summary.csv", "model.pt")) for a in _ARGS)
+CFG = load_config(
+    config,
+    os.path.join(workflow.basedir, "schemas", "config.schema.yaml"),
+    None if _PER_SLIDE_ONLY else samples,
+)
 MISSING = missing_files(samples)
 if MISSING and config["on_bad_slide"] == "skip":
     print(
@@ -255,11 +266,3 @@ def predict_patient_stores(wildcards):
     """Feature stores of every new slide of the slide's patient (case bags of hierarchical models)."""
     ids = _PREDICT_PATIENT_SLIDES[_PREDICT_PATIENT[wildcards.slide]]
     return [f"{OUT}/features/{BACKBONE}/{s}.zarr" for s in ids]
-
-
-def splits_sheet(wildcards=None):
-    """Input of make_splits: the sample sheet, checked while the DAG is built (before any job runs)
-    for two classes and enough patients per class for splits.k -- only when folds are needed, so a
-    target such as one slide's feature store works with any sheet."""
-    check_splittable(samples, config["classes"], config["splits"]["k"], config["splits"]["test_fraction"])
-    return config["samples"]

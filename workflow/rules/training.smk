@@ -3,7 +3,7 @@
 # training does anyway (docs/design.md, "Splits after exclusions").
 rule make_splits:
     input:
-        samples=splits_sheet,
+        samples=config["samples"],
         excluded=rules.excluded_table.output.table,
     output:
         splits=f"{OUT}/splits/splits.csv",
