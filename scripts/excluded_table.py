@@ -2,7 +2,7 @@
 
 from slidesnake.bagkinds import bag_kind
 from slidesnake.bags import stores_by_slide
-from slidesnake.exclusion import excluded_table
+from slidesnake.exclusion import excluded_table, mode_of
 from slidesnake.io import setup_logging, write_table
 from slidesnake.models import get_model_class
 from slidesnake.samples import read_sheet
@@ -11,7 +11,8 @@ from slidesnake.store import open_store
 sm = snakemake  # noqa: F821
 log = setup_logging(sm.log[0])
 samples = read_sheet(sm.input.samples)
-stores = {sid: open_store(path) for sid, path in stores_by_slide(sm.input.stores).items()}
+# every store checked against its integrity manifest: damaged -> one error, or excluded under skip
+stores = {sid: open_store(path, on_bad_slide=mode_of(sm.config)) for sid, path in stores_by_slide(sm.input.stores).items()}
 # the magnifications the model reads: all of training.magnifications for multiscale models
 kind = bag_kind(get_model_class(sm.params.model).bag_type)
 mags = kind.read_magnifications(sm.params.magnification, sm.params.magnifications)

@@ -45,11 +45,12 @@ job = dict(
     tile_size=meta["tile_size"],
     overlap=meta["overlap"],
     limit_bounds=meta["limit_bounds"],
-    batch_size=sm.params.batch_size,
-    num_workers=sm.params.num_workers,
-    device=sm.params.device,
+    # run-shaping settings: from the config, not rule params (changing them reruns nothing)
+    batch_size=features_cfg["batch_size"],
+    num_workers=features_cfg["num_workers"],
+    device=features_cfg["device"],
     feature_dtype=sm.params.feature_dtype,
-    compile=getattr(sm.params, "compile", False),
+    compile=features_cfg["compile"],
     # the weights pin is read from the config, not a param: adding one must not rerun extraction
     backbone_options={**(getattr(sm.params, "backbone_options", None) or {}),
                       "weights_sha256": features_cfg.get("weights_sha256")},

@@ -44,7 +44,7 @@ with one_line_errors(log, mode, "filter_tissue", exclude):
              mask.threshold, mask.area_mm2)
     # QC thumbnail: from the mask's overview when that is fine enough, else read at its own size;
     # the overview is dropped before tile-reading workers are forked.
-    size = sm.params.thumbnail_size
+    size = sm.config["tissue"]["thumbnail_size"]  # run-shaping: not a rule param (no reruns)
     ds = max(slide.dimensions) / size
     if max(overview.rgb.shape[:2]) >= size:
         w, h = max(1, round(slide.dimensions[0] / ds)), max(1, round(slide.dimensions[1] / ds))

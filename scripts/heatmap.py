@@ -2,6 +2,7 @@
 `predict_heatmap` (a new slide: no splits input, the fold ensemble's attention):
 slidesnake.heatmap_stage.heatmap_job."""
 
+from slidesnake.exclusion import mode_of
 from slidesnake.io import setup_logging
 from slidesnake.heatmap_stage import HeatmapOutputs, HeatmapSettings, heatmap_job
 
@@ -18,4 +19,4 @@ heatmap_job(
         smooth_sigma=p.smooth_sigma, top_k=p.top_k, patch_predictions=bool(p.patch_predictions)),
     outputs=HeatmapOutputs(png=sm.output.png, tiles=sm.output.tiles, geojson=sm.output.geojson,
                            top_tiles=sm.output.top_tiles),
-    log=setup_logging(sm.log[0]))
+    log=setup_logging(sm.log[0]), on_bad_slide=mode_of(sm.config))

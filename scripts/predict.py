@@ -3,9 +3,11 @@
 import pandas as pd
 import torch
 
+from slidesnake.exclusion import mode_of
 from slidesnake.io import setup_logging, write_table
 from slidesnake.predict import MODEL_COLUMNS, ensemble_predictions, predict_sheet_bags
 from slidesnake.samples import read_predict_sheet
+from slidesnake.training import load_checkpoint
 
 sm = snakemake  # noqa: F821
 log = setup_logging(sm.log[0] if sm.log else None)
@@ -13,8 +15,8 @@ torch.set_num_threads(max(1, int(sm.threads)))
 models = list(sm.params.models)
 sheet = read_predict_sheet(sm.input.samples)
 # The bags the checkpoints read (bag type and magnifications from the checkpoint, as trained).
-ckpt = torch.load(models[0], map_location="cpu", weights_only=True)
-bags = predict_sheet_bags(list(sm.input.stores), sheet, ckpt, log=log)
+_, ckpt = load_checkpoint(models[0])  # checked against its sha256 sidecar first
+bags = predict_sheet_bags(list(sm.input.stores), sheet, ckpt, log=log, on_bad_slide=mode_of(sm.config))
 pred = ensemble_predictions(models, bags, log=log)
 record = pd.DataFrame(pred.attrs["models"], columns=MODEL_COLUMNS)
 changed = [p for p, h, want in zip(record["path"], record["sha256"], sm.params.sha256) if h != want]

@@ -6,6 +6,7 @@ import logging
 import optuna
 import torch
 
+from slidesnake.exclusion import mode_of
 from slidesnake.io import setup_logging
 from slidesnake.stages import tune_job
 
@@ -16,6 +17,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 torch.set_num_threads(max(1, int(sm.threads)))
 tune_job(features=list(sm.input.features), splits=sm.input.splits, samples=sm.input.samples,
          classes=list(sm.params.classes), model=sm.params.model, model_kwargs=sm.params.model_kwargs,
-         training=sm.params.training, tuning=sm.params.tuning, magnification=sm.params.magnification,
+         training={**dict(sm.params.training or {}), "device": sm.config["training"]["device"]},  # run-shaping
+         tuning=sm.params.tuning, magnification=sm.params.magnification,
          magnifications=getattr(sm.params, "magnifications", None), out_study=sm.output.study,
-         out_best=sm.output.best, log=log)
+         out_best=sm.output.best, log=log, on_bad_slide=mode_of(sm.config))

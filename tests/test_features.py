@@ -182,7 +182,9 @@ def test_snakemake_script(tmp_path, cmu_small, tiles, restore_logging):
         output=SimpleNamespace(store=str(tmp_path / "out" / "S1.zarr")),
         params=SimpleNamespace(backbone="resnet18_trunc", weights="none", batch_size=8, num_workers=0,
                                device="auto", feature_dtype="float32"),
-        log=[str(tmp_path / "log.txt")], threads=1, config={"on_bad_slide": "fail"})
+        log=[str(tmp_path / "log.txt")], threads=1,
+        config={"on_bad_slide": "fail", "features": {"batch_size": 8, "num_workers": 0, "device": "auto",
+                                                     "compile": False}})
     runpy.run_path(str(REPO / "scripts" / "extract_features.py"), init_globals={"snakemake": sm})
     store = open_store(tmp_path / "out" / "S1.zarr")
     assert store.attrs["slide_id"] == "S1" and store.attrs["objective_power"] == 20.0

@@ -81,8 +81,9 @@ def test_tissue_threshold_reruns_filter_and_after_not_tiling(run_copy):
     edit_config(work, "tissue", edge_threshold=20)
     counts, per_slide = plan(work)
     n = len(slides)
+    # make_splits follows excluded.tsv (the folds are made from the slides trained on)
     assert counts == {"filter_tissue": n, "extract_features": n, "qc_table": 1, "excluded_table": 1,
-                      **cohort_stages(n)}
+                      "make_splits": 1, **cohort_stages(n)}
     assert "tile" not in counts
 
 
@@ -111,6 +112,28 @@ def test_replaced_slide_file_reruns_that_slide_and_the_cohort_stages(run_copy):
     shutil.copyfile(work / "cohort" / "slides" / f"{slides[0]}.svs", target)  # new content, new mtime
     counts, per_slide = plan(work)
     assert counts == {"tile": 1, "filter_tissue": 1, "extract_features": 1, "qc_table": 1,
-                      "excluded_table": 1, **cohort_stages(len(slides))}
+                      "excluded_table": 1, "make_splits": 1, **cohort_stages(len(slides))}
     for rule in PER_SLIDE:
         assert per_slide[rule] == {slides[1]}, rule
+
+
+# Run-shaping settings (docs/design.md, "Result-defining and run-shaping settings"): read by the jobs
+# from the config, not rule params, so changing them reruns nothing.
+@pytest.mark.parametrize("section, values", [
+    ("features", {"batch_size": 7, "num_workers": 1, "compile": True, "device": "auto"}),
+    ("tissue", {"thumbnail_size": 512}),
+    ("training", {"device": "auto", "tensorboard": True}),
+])
+def test_run_shaping_setting_reruns_nothing(run_copy, section, values):
+    work, _ = run_copy
+    edit_config(work, section, **values)
+    assert plan(work) == ({}, {})
+
+
+def test_result_defining_feature_setting_reruns_extraction_and_after(run_copy):
+    work, slides = run_copy
+    edit_config(work, "features", feature_dtype="float32")
+    counts, per_slide = plan(work)
+    n = len(slides)
+    assert counts == {"extract_features": n, "excluded_table": 1, "make_splits": 1, **cohort_stages(n)}
+    assert per_slide["extract_features"] == set(slides)

@@ -176,3 +176,36 @@ def test_fixed_test_set_contract_and_limits():
     with pytest.raises(SplitError, match="held-out test set"):
         make_splits(cohort((4, 20)), k=4, test_fraction=0.2)
     assert fixed_test_set(make_splits(cohort((4, 20)), k=3, test_fraction=0.2)) is not None
+
+
+def test_excluded_slides_hold_no_place_in_the_folds(tmp_path):
+    """Rule make_splits reads qc/excluded.tsv: the folds are made from the slides trained on; too few
+    patients left for k is one line naming splits.k and the counts after the exclusions."""
+    from slidesnake.config import ConfigError
+
+    samples = cohort(n_patients=(6, 5))
+    sheet = tmp_path / "samples.tsv"
+    samples.to_csv(sheet, sep="\t", index=False)
+    gone = samples.loc[samples["label"] == "tumour", "slide_id"].iloc[:2].tolist()
+    excluded = tmp_path / "excluded.tsv"
+    pd.DataFrame({"slide_id": gone, "patient_id": "-", "path": "-", "stage": "tile",
+                  "reason": "file is empty (0 bytes)", "fix": "-"}).to_csv(excluded, sep="\t", index=False)
+    out = tmp_path / "splits.csv"
+
+    def run(k):
+        sm = SimpleNamespace(input=SimpleNamespace(samples=str(sheet), excluded=str(excluded)),
+                             output=SimpleNamespace(splits=str(out)),
+                             params=SimpleNamespace(k=k, seed=0, classes=["normal", "tumour"], test_fraction=0),
+                             log=[str(tmp_path / f"make_splits_{k}.log")])
+        runpy.run_path(str(SCRIPTS / "make_splits.py"), init_globals={"snakemake": sm})
+
+    run(3)
+    df = pd.read_csv(out, dtype=str)
+    assert set(df["slide_id"]) == set(samples["slide_id"]) - set(gone)
+    check_splits(df.astype({"fold": int}))
+    log = (tmp_path / "make_splits_3.log").read_text()
+    assert all(f"not in the folds: {s} (excluded at tile: file is empty (0 bytes))" in log for s in gone)
+    left = samples[~samples["slide_id"].isin(gone)].groupby("label")["patient_id"].nunique()["tumour"]
+    with pytest.raises(ConfigError, match=rf"config splits.k: {left + 1} folds need {left + 1} patients .* "
+                                          rf"after leaving out the 2 slide\(s\) of .*set splits.k to at most {left}"):
+        run(left + 1)

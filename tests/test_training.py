@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
@@ -71,7 +72,9 @@ def test_checkpoint_round_trip(digits_run, tmp_path):
     bags, _, splits, res = digits_run
     path = tmp_path / "fold_0" / "model.pt"
     save_checkpoint(path, res, {"magnification": 20.0, "backbone": "digits", "n": np.int64(3)})
-    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt", "model.pt.sha256"]
+    # the sidecar is sha256sum's format: `sha256sum -c` checks it in the fold folder
+    assert (path.parent / "model.pt.sha256").read_text() == f"{hashlib.sha256(path.read_bytes()).hexdigest()}  model.pt\n"
     model, ckpt = load_checkpoint(path)  # weights_only=True inside
     torch.load(path, weights_only=True)
     assert ckpt["classes"] == CLASSES and ckpt["model_name"] == "abmil" and ckpt["in_dim"] == 64

@@ -132,9 +132,10 @@ def test_tune_script_writes_a_valid_config_fragment(tmp_path):
         output=SimpleNamespace(best=str(out / "best_params.yaml"), study=str(out / "study.csv")),
         params=SimpleNamespace(model="abmil", model_kwargs={"attn_dim": 8}, magnification=20, magnifications=None,
                                classes=CLASSES, tuning={"n_trials": 2, "seed": 0, "timeout_s": None},
-                               training={"epochs": 2, "patience": 2, "min_epochs": 1, "device": "cpu", "seed": 0,
+                               training={"epochs": 2, "patience": 2, "min_epochs": 1, "seed": 0,
                                          "optimizer": "adamw", "class_weights": "auto"}),
         threads=1, log=[str(tmp_path / "logs" / "tune.log")],
+        config={"on_bad_slide": "fail", "training": {"device": "cpu", "tensorboard": False}},
     )
     runpy.run_path(str(REPO / "scripts" / "tune.py"), init_globals={"snakemake": sm})
     study = pd.read_csv(out / "study.csv")

@@ -54,7 +54,9 @@ class BagKind:
 
     def load(self, stores: Mapping[str, Path], slide_ids: Sequence[str], *, magnification: float | None,
              magnifications: Sequence[float] | None, samples: pd.DataFrame | None,
-             log: logging.Logger) -> dict:
+             log: logging.Logger, on_bad_slide: str = "fail") -> dict:
+        """``on_bad_slide``: a damaged store (integrity manifest, slidesnake.integrity) raises ("fail")
+        or is an ExcludedBag with the reason ("skip")."""
         raise NotImplementedError
 
     def heatmap_bag(self, store, *, magnification: float | None, magnifications: Sequence[float] | None,
@@ -83,14 +85,15 @@ class FlatKind(BagKind):
     name = "flat"
     scores_single_tiles = True
 
-    def load(self, stores, slide_ids, *, magnification, magnifications=None, samples=None, log=_log) -> dict:
+    def load(self, stores, slide_ids, *, magnification, magnifications=None, samples=None, log=_log,
+             on_bad_slide: str = "fail") -> dict:
         from slidesnake.store import open_store
 
         bags = {}
         # thousands of stores take minutes: one progress line about every 10% (readable in SLURM logs)
         step, t0, tiles = max(1, math.ceil(len(slide_ids) / 10)), time.perf_counter(), 0
         for i, sid in enumerate(slide_ids, 1):
-            store = open_store(stores[sid])
+            store = open_store(stores[sid], on_bad_slide=on_bad_slide)
             if reason := excluded_reason(store):
                 log.warning("slide %s %s; left out of training", sid, reason)
                 bags[sid] = ExcludedBag(reason)
@@ -123,7 +126,8 @@ class MultiscaleKind(BagKind):
 
     name = "multiscale"
 
-    def load(self, stores, slide_ids, *, magnification=None, magnifications, samples=None, log=_log) -> dict:
+    def load(self, stores, slide_ids, *, magnification=None, magnifications, samples=None, log=_log,
+             on_bad_slide: str = "fail") -> dict:
         from slidesnake.store import open_store
 
         if not magnifications or len(magnifications) < 2:
@@ -131,7 +135,7 @@ class MultiscaleKind(BagKind):
                              f"(config training.magnifications); got {magnifications}")
         bags = {}
         for sid in slide_ids:
-            store = open_store(stores[sid])
+            store = open_store(stores[sid], on_bad_slide=on_bad_slide)
             if reason := excluded_reason(store):
                 log.warning("slide %s %s; left out of training", sid, reason)
                 bags[sid] = ExcludedBag(reason)
@@ -186,7 +190,8 @@ class HierarchicalKind(BagKind):
                 bars.append((f"  {sid}", float(w), sid == slide_id))
         return bars
 
-    def load(self, stores, slide_ids, *, magnification, magnifications=None, samples, log=_log) -> dict:
+    def load(self, stores, slide_ids, *, magnification, magnifications=None, samples, log=_log,
+             on_bad_slide: str = "fail") -> dict:
         from slidesnake.store import open_store
 
         if samples is None:
@@ -200,7 +205,7 @@ class HierarchicalKind(BagKind):
         patient = dict(zip(sheet["slide_id"], sheet["patient_id"]))
         feats = {}
         for sid in slide_ids:
-            store = open_store(stores[sid])
+            store = open_store(stores[sid], on_bad_slide=on_bad_slide)
             if reason := excluded_reason(store):
                 feats[sid] = ExcludedBag(reason)
                 continue
@@ -247,7 +252,8 @@ def bag_kind(name: str) -> BagKind:
 
 def model_bags(stores: Sequence[str | os.PathLike], slide_ids: Sequence[str] | None, *, bag_type: str,
                magnification: float | None, magnifications: Sequence[float] | None = None,
-               samples: pd.DataFrame | str | os.PathLike | None = None, log: logging.Logger | None = None) -> dict:
+               samples: pd.DataFrame | str | os.PathLike | None = None, log: logging.Logger | None = None,
+               on_bad_slide: str = "fail") -> dict:
     """The bags a model of ``bag_type`` reads (:func:`slidesnake.training.load_bags`): the slides at
     ``magnification`` (flat), at every one of ``magnifications`` (multiscale), or each patient's
     slides by stain (hierarchical: ``samples``, a sheet or its path, gives patient and stain)."""
@@ -259,4 +265,5 @@ def model_bags(stores: Sequence[str | os.PathLike], slide_ids: Sequence[str] | N
         samples = read_sheet(samples)
     return load_bags(list(stores), None if magnification is None else float(magnification),
                      None if slide_ids is None else list(slide_ids), log=log, bag_type=bag_type,
-                     magnifications=[float(m) for m in magnifications] if magnifications else None, samples=samples if case else None)
+                     magnifications=[float(m) for m in magnifications] if magnifications else None, samples=samples if case else None,
+                     on_bad_slide=on_bad_slide)

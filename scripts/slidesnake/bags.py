@@ -265,17 +265,19 @@ def load_structured_bags(
     magnifications: Sequence[float] | None = None,
     samples: pd.DataFrame | None = None,
     log: logging.Logger | None = None,
+    on_bad_slide: str = "fail",
 ) -> dict[str, MultiscaleBag | CaseBag]:
     """Multiscale bags keyed by slide_id, or case bags keyed by patient_id (see module docstring).
 
-    ``stores`` maps slide_id -> store path and must cover ``slide_ids``.
+    ``stores`` maps slide_id -> store path and must cover ``slide_ids``. A damaged store: as in
+    :func:`slidesnake.training.load_bags` (``on_bad_slide``).
     """
     from slidesnake.bagkinds import bag_kind
 
     if bag_type not in ("multiscale", "hierarchical"):
         raise ValueError(f"load_structured_bags builds 'multiscale' or 'hierarchical' bags, not {bag_type!r}")
     return bag_kind(bag_type).load(stores, slide_ids, magnification=magnification, magnifications=magnifications,
-                                   samples=samples, log=log or _log)
+                                   samples=samples, log=log or _log, on_bad_slide=on_bad_slide)
 
 
 def stores_by_slide(stores: Sequence[str | os.PathLike]) -> dict[str, Path]:

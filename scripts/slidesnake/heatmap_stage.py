@@ -154,7 +154,7 @@ def heatmap_title(slide_id: str, att: SlideAttention, splits: pd.DataFrame | Non
 def heatmap_job(*, slide: PathLike, store: PathLike, models: Sequence[PathLike], slide_id: str,
                 settings: HeatmapSettings, outputs: HeatmapOutputs, splits: PathLike | None = None,
                 samples: PathLike | None = None, case_stores: Sequence[PathLike] = (),
-                log: logging.Logger | None = None) -> None:
+                log: logging.Logger | None = None, on_bad_slide: str = "fail") -> None:
     """Rules ``heatmap`` (``splits`` given: the out-of-fold model's attention, or the fold ensemble's
     for a slide no single fold tested) and ``predict_heatmap`` (no splits: a new slide, the fold
     ensemble's): the heatmap figure, the tile scores table, QuPath detections and the top / bottom
@@ -172,11 +172,12 @@ def heatmap_job(*, slide: PathLike, store: PathLike, models: Sequence[PathLike],
     from slidesnake.tissue import thumbnail
 
     log = log or _log
-    # training.coupling: one store per fold (each fold's last-round embedder); else the slide's one store
+    # training.coupling: one store per fold (each fold's last-round embedder); else the slide's one store.
+    # Checked against its integrity manifest: damaged -> one error, or excluded under on_bad_slide: skip
     fold_stores = coupled_stores(store)
-    fs = open_store(next(iter(fold_stores.values())) if fold_stores else store)
+    fs = open_store(next(iter(fold_stores.values())) if fold_stores else store, on_bad_slide=on_bad_slide)
     if fs.excluded:  # config on_bad_slide: skip excluded the slide: placeholder outputs saying why
-        log_excluded(log, slide_id, fs.root.attrs.get("path", "-"), fs.excluded, upstream=True)
+        log_excluded(log, slide_id, fs.attrs.get("path", "-"), fs.excluded, upstream=True)
         write_excluded_heatmap_outputs(outputs, slide_id, fs.excluded, TILE_COLUMNS)
         return
     table = read_splits(splits) if splits is not None else None

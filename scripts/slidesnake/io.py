@@ -126,6 +126,7 @@ def setup_logging(log_path: str | os.PathLike | None = None, level: int = loggin
         handlers=handlers,
         force=True,
     )
+    sys.excepthook = _log_uncaught
     return logging.getLogger("slidesnake")
 
 
@@ -154,3 +155,45 @@ class Progress:
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.t0
+
+
+def _log_uncaught(exc_type, exc, tb) -> None:
+    """An error a rule script does not catch goes to the job's log file too (Snakemake points the
+    user there): errors whose class says ``one_line = True`` (damaged store or checkpoint, full disk,
+    bad config) as their one line, anything else with its traceback."""
+    log = logging.getLogger("slidesnake")
+    if getattr(exc, "one_line", False):
+        log.error("%s", exc)
+    elif issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+    else:
+        log.error("%s: %s", exc_type.__name__, exc, exc_info=(exc_type, exc, tb))
+
+
+class DiskFullError(OSError):
+    """Writing an output failed because its file system is full (or the file exceeds a size limit)."""
+
+    one_line = True
+
+
+@contextlib.contextmanager
+def disk_full_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn ENOSPC / EDQUOT / EFBIG while writing ``path`` into a one-line :class:`DiskFullError`
+    naming the file, the space left and the fix."""
+    import errno
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or isinstance(e, DiskFullError):
+            raise
+        parent = Path(path).parent
+        try:
+            free = f"{shutil.disk_usage(parent).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        what = "file too large for this file system or process limit" if e.errno == errno.EFBIG \
+            else "no space left on device"
+        raise DiskFullError(e.errno, f"{what} while writing {path} ({free}); free disk space (or point "
+                            "config outdir at a larger disk) and run the workflow again: finished outputs "
+                            "are kept, only this job reruns") from None

@@ -187,7 +187,7 @@ def patch_probabilities(model, ckpt: Mapping, features, *, chunk_size: int = 409
 
 
 def predict_sheet_bags(stores: Sequence[str | os.PathLike], sheet: pd.DataFrame, ckpt: Mapping,
-                       log: logging.Logger | None = None) -> dict:
+                       log: logging.Logger | None = None, on_bad_slide: str = "fail") -> dict:
     """The bags a checkpoint reads for the slides of a predict sheet (every slide with a store), built
     as in training: its ``bag_type`` at its ``magnification`` / ``magnifications``."""
     from slidesnake.models import get_model_class
@@ -196,7 +196,7 @@ def predict_sheet_bags(stores: Sequence[str | os.PathLike], sheet: pd.DataFrame,
     bag_type = ckpt.get("bag_type") or get_model_class(ckpt["model_name"]).bag_type
     return model_bags(stores, [str(s) for s in sheet["slide_id"]], bag_type=bag_type,
                       magnification=ckpt.get("magnification"), magnifications=ckpt.get("magnifications"),
-                      samples=sheet, log=log)
+                      samples=sheet, log=log, on_bad_slide=on_bad_slide)
 
 
 __all__ = ["ensemble_predictions", "models_table", "model_record", "fold_checkpoints",

@@ -19,14 +19,38 @@ class SampleSheetError(ValueError):
         super().__init__(f"sample sheet {sheet} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
 
 
+def _read_tsv(path: str | os.PathLike, dtype, header: str) -> pd.DataFrame:
+    """``pd.read_csv`` of a sheet, with a one-line SampleSheetError naming the file for a file that is
+    missing, empty (0 bytes) or not a table, and for a sheet without any slide row."""
+    try:
+        df = pd.read_csv(path, sep="\t", dtype=dtype, comment="#", skip_blank_lines=True)
+    except FileNotFoundError:
+        raise SampleSheetError(str(path), ["file not found; fix config samples (relative paths are relative "
+                                           "to the working directory)"]) from None
+    except pd.errors.EmptyDataError:
+        raise SampleSheetError(str(path), [f"file is empty ({os.path.getsize(path)} bytes); it needs a header "
+                                           f"line naming {header} (tab-separated) and one row per slide"]) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise SampleSheetError(str(path), [f"not a tab-separated table ({' '.join(str(e).split())}); "
+                                           f"save it as TSV with the columns {header}"]) from None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
+def _require_rows(df: pd.DataFrame, path) -> None:
+    if df.empty:
+        raise SampleSheetError(str(path), ["no slide rows, only a header; add one row per slide "
+                                           "(config/samples.tsv is an example)"])
+
+
 def read_sheet(path: str | os.PathLike) -> pd.DataFrame:
     """The sheet as a DataFrame indexed by slide_id (string columns kept as strings)."""
-    df = pd.read_csv(path, sep="\t", dtype=_STR_COLUMNS, comment="#", skip_blank_lines=True)
-    df.columns = [c.strip() for c in df.columns]
+    df = _read_tsv(path, _STR_COLUMNS, ", ".join(REQUIRED))
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise SampleSheetError(str(path), [f"missing column(s) {', '.join(missing)}; "
                                            f"the header must name {', '.join(REQUIRED)}"])
+    _require_rows(df, path)
     for c in df.columns:
         if df[c].dtype == object:
             df[c] = df[c].str.strip()
@@ -104,14 +128,14 @@ def read_predict_sheet(path: str | os.PathLike) -> pd.DataFrame:
     Columns ``slide_id, path`` and optionally ``patient_id`` (default: the slide id, a patient of
     one slide), ``stain`` and ``mpp``; a ``label`` column is not read (kept if present).
     """
-    df = pd.read_csv(path, sep="\t", dtype={c: str for c in ("slide_id", "patient_id", "path", "stain", "label")},
-                     comment="#", skip_blank_lines=True)
-    df.columns = [c.strip() for c in df.columns]
+    df = _read_tsv(path, {c: str for c in ("slide_id", "patient_id", "path", "stain", "label")},
+                   ", ".join(PREDICT_REQUIRED))
     missing = [c for c in PREDICT_REQUIRED if c not in df.columns]
     if missing:
         raise SampleSheetError(str(path), [f"missing column(s) {', '.join(missing)}; the header of a predict "
                                            f"sheet must name {', '.join(PREDICT_REQUIRED)} (patient_id, stain, "
                                            "mpp optional)"])
+    _require_rows(df, path)
     for c in df.columns:
         if df[c].dtype == object:
             df[c] = df[c].str.strip()

@@ -25,7 +25,7 @@ def train_job(*, features: Sequence[PathLike], splits: PathLike, samples: PathLi
               training: Mapping | None = None, magnification: float | None = None,
               magnifications: Sequence[float] | None = None, tensorboard: str | None = None,
               out_model: PathLike, out_history: PathLike, out_predictions: PathLike,
-              log: logging.Logger | None = None):
+              log: logging.Logger | None = None, on_bad_slide: str = "fail"):
     """Rule ``train``: fold ``fold`` of ``model`` on the feature stores; writes the checkpoint, the
     per-epoch history and the fold's predictions. Excluded slides and empty bags are left out
     (logged with the reason); NaN / Inf features or a non-finite loss raise
@@ -47,7 +47,7 @@ def train_job(*, features: Sequence[PathLike], splits: PathLike, samples: PathLi
     # training.magnifications with parent links (multiscale), or a patient's slides by stain (hierarchical).
     bag_type = get_model_class(model).bag_type
     bags = model_bags(features, rows["slide_id"].tolist(), bag_type=bag_type, magnification=mag,
-                      magnifications=mags, samples=samples, log=log)
+                      magnifications=mags, samples=samples, log=log, on_bad_slide=on_bad_slide)
     result = train_fold(bags, rows, list(classes), model, dict(model_kwargs or {}), log=log,
                         tensorboard=tensorboard or None, **dict(training or {}))
     save_checkpoint(out_model, result, {"magnification": mag, "bag_type": bag_type,
@@ -62,7 +62,7 @@ def tune_job(*, features: Sequence[PathLike], splits: PathLike, samples: PathLik
              model: str, model_kwargs: Mapping | None = None, training: Mapping | None = None,
              tuning: Mapping | None = None, magnification: float | None = None,
              magnifications: Sequence[float] | None = None, out_study: PathLike, out_best: PathLike,
-             log: logging.Logger | None = None):
+             log: logging.Logger | None = None, on_bad_slide: str = "fail"):
     """Rule ``tune``: Optuna search of ``model``'s hyperparameters over the folds' train/val splits
     (config ``tuning``: n_trials, seed, timeout_s, objective); writes the trials table and the best
     parameters as a config snippet. Only train and val slides are read: tuning never looks at a test
@@ -77,7 +77,7 @@ def tune_job(*, features: Sequence[PathLike], splits: PathLike, samples: PathLik
     table = read_splits(splits)
     wanted = table.loc[table["split"].astype(str).isin(["train", "val"]), "slide_id"].unique().tolist()
     bags = model_bags(features, wanted, bag_type=get_model_class(model).bag_type, magnification=magnification,
-                      magnifications=magnifications, samples=samples, log=log)
+                      magnifications=magnifications, samples=samples, log=log, on_bad_slide=on_bad_slide)
     cfg = dict(tuning or {})
     base_kwargs = dict(model_kwargs or {})
     study = tune(bags, table, list(classes), model, base_kwargs, dict(training or {}),

@@ -23,13 +23,28 @@ from typing import Mapping
 
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
 
 from slidesnake.geometry import mag_label, parent_indices
+from slidesnake.integrity import StoreIntegrityError, verify_store, write_manifest
 from slidesnake.io import atomic_path
 
-SCHEMA_VERSION = 2  # 2: parent_<m>x arrays
+SCHEMA_VERSION = 3  # 2: parent_<m>x arrays; 3: integrity manifest, zstd checksums (slidesnake.integrity)
 ARRAYS = ("features", "coords", "size", "grid", "tile_id")
 _DTYPES = {"coords": "int64", "size": "int64", "grid": "int32", "tile_id": "int64"}
+# Every array: Zstandard with its frame checksum (a damaged chunk fails to decode), and every chunk
+# written, also one equal to the fill value (so an absent chunk file is a missing one).
+_ARRAY_OPTIONS = {"compressors": ZstdCodec(level=0, checksum=True), "config": {"write_empty_chunks": True}}
+
+
+def create_array(group: zarr.Group, name: str, **kwargs):
+    """``group.create_array`` with the store's codec settings (zstd checksum, every chunk written).
+    Any array added to a store must be made with it (or :meth:`StoreWriter.add_array`): the integrity
+    manifest refuses an array whose chunks are not all on disk."""
+    return group.create_array(name, **kwargs, **_ARRAY_OPTIONS)
+
+
+_create_array = create_array
 
 
 def parent_key(coarse_magnification: float) -> str:
@@ -48,8 +63,8 @@ def _write_parents(root: zarr.Group, mags) -> None:
             parents = parent_indices(*boxes[fine], *boxes[coarse])
             g = root[mag_label(fine)]
             chunks = g["tile_id"].chunks
-            g.create_array(parent_key(coarse), shape=parents.shape, dtype="int64",
-                           chunks=chunks, overwrite=True)[...] = parents
+            _create_array(g, parent_key(coarse), shape=parents.shape, dtype="int64",
+                          chunks=chunks, overwrite=True)[...] = parents
 
 
 def write_store(
@@ -73,8 +88,9 @@ def write_store(
             for name in ARRAYS:
                 a = np.asarray(arrays[name], dtype=feature_dtype if name == "features" else _DTYPES[name])
                 chunks = (max(1, min(max(n, 1), chunk_rows)),) + a.shape[1:]
-                g.create_array(name, shape=a.shape, dtype=a.dtype, chunks=chunks)[...] = a
+                _create_array(g, name, shape=a.shape, dtype=a.dtype, chunks=chunks)[...] = a
         _write_parents(root, groups)
+        write_manifest(root, tmp)  # last: a store without it never validates
 
 
 def write_excluded_store(path: str | os.PathLike, slide_id: str, excluded: Mapping,
@@ -85,6 +101,7 @@ def write_excluded_store(path: str | os.PathLike, slide_id: str, excluded: Mappi
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         root.attrs.update({**dict(attrs or {}), "slide_id": slide_id, "excluded": dict(excluded),
                            "schema_version": SCHEMA_VERSION, "magnifications": []})
+        write_manifest(root, tmp)
 
 
 class StoreWriter:
@@ -97,8 +114,9 @@ class StoreWriter:
             w.set(20.0, "coords", coords)        # the other arrays in one go
             w.group_attrs(20.0, mpp=0.5)         # extra attributes of a group
 
-    The ``parent_<m>x`` arrays are computed from coords and size when the block succeeds, just
-    before the store is renamed into place.
+    The ``parent_<m>x`` arrays are computed from coords and size when the block succeeds, then the
+    integrity manifest is recorded (:mod:`slidesnake.integrity`; anything written to ``root`` inside
+    the block, attributes included, is covered), just before the store is renamed into place.
     """
 
     def __init__(self, path, attrs: Mapping, n_tiles: Mapping[float, int], feature_dim: int,
@@ -111,10 +129,11 @@ class StoreWriter:
         self._chunk_rows = chunk_rows
         self._ctx = None
         self.root = None
+        self._arrays = {}  # (mag, name) -> the array as created (its write_empty_chunks setting kept)
 
     def __enter__(self):
         self._ctx = atomic_path(self._path)
-        tmp = self._ctx.__enter__()
+        tmp = self._tmp = self._ctx.__enter__()
         self.root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         self.root.attrs.update({**self._attrs, "schema_version": SCHEMA_VERSION,
                                 "magnifications": list(self._n)})
@@ -122,17 +141,28 @@ class StoreWriter:
             g = self.root.create_group(mag_label(mag))
             g.attrs.update({"magnification": mag, "n_tiles": n})
             rows = max(1, min(max(n, 1), self._chunk_rows))
-            g.create_array("features", shape=(n, self._dim), dtype=self._dtype, chunks=(rows, self._dim))
+            self._arrays[(mag, "features")] = _create_array(g, "features", shape=(n, self._dim), dtype=self._dtype,
+                                                            chunks=(rows, self._dim))
             for name, width in (("coords", 2), ("size", 2), ("grid", 2), ("tile_id", None)):
                 shape = (n, width) if width else (n,)
-                g.create_array(name, shape=shape, dtype=_DTYPES[name], chunks=(rows,) + shape[1:])
+                self._arrays[(mag, name)] = _create_array(g, name, shape=shape, dtype=_DTYPES[name],
+                                                          chunks=(rows,) + shape[1:])
         return self
 
     def write(self, mag: float, start: int, features: np.ndarray) -> None:
-        self.root[mag_label(mag)]["features"][start:start + len(features)] = features.astype(self._dtype)
+        self._arrays[(float(mag), "features")][start:start + len(features)] = features.astype(self._dtype)
 
     def set(self, mag: float, name: str, values: np.ndarray) -> None:
-        self.root[mag_label(mag)][name][...] = np.asarray(values, dtype=_DTYPES[name])
+        self._arrays[(float(mag), name)][...] = np.asarray(values, dtype=_DTYPES[name])
+
+    def add_array(self, mag: float, name: str, values: np.ndarray, chunk_rows: int | None = None) -> None:
+        """One more array in a magnification's group (e.g. per-round outputs), written in one go and
+        covered by the integrity manifest like the others."""
+        values = np.asarray(values)
+        rows = max(1, min(max(len(values), 1), chunk_rows or self._chunk_rows))
+        self._arrays[(float(mag), name)] = create_array(self.root[mag_label(mag)], name, shape=values.shape,
+                                                        dtype=values.dtype, chunks=(rows,) + values.shape[1:])
+        self._arrays[(float(mag), name)][...] = values
 
     def group_attrs(self, mag: float, **attrs) -> None:
         self.root[mag_label(mag)].attrs.update(attrs)
@@ -141,6 +171,7 @@ class StoreWriter:
         if exc_type is None:
             try:
                 _write_parents(self.root, self._n)
+                write_manifest(self.root, self._tmp)  # last: a store without it never validates
             except BaseException as e:
                 return self._ctx.__exit__(type(e), e, e.__traceback__)
         return self._ctx.__exit__(exc_type, exc, tb)
@@ -148,22 +179,35 @@ class StoreWriter:
 
 @dataclass
 class FeatureStore:
-    """Read-only view of a slide's feature store."""
+    """Read-only view of a slide's feature store.
+
+    ``damaged``: set (``root`` is then None) when :func:`open_store` found the store damaged under
+    ``on_bad_slide: skip``: the store then reads as excluded, with that reason.
+    """
 
     path: Path
-    root: zarr.Group
+    root: zarr.Group | None
+    damaged: StoreIntegrityError | None = None
 
     @property
     def attrs(self) -> dict:
+        if self.root is None:
+            return {"slide_id": self.damaged.slide_id, "excluded": self.excluded, "magnifications": []}
         return dict(self.root.attrs)
 
     @property
     def magnifications(self) -> list[float]:
+        if self.root is None:
+            return []
         return [float(m) for m in self.root.attrs["magnifications"]]
 
     @property
     def excluded(self) -> dict | None:
-        """``{"stage", "reason", "fix"}`` when the slide was excluded (``on_bad_slide: skip``), else None."""
+        """``{"stage", "reason", "fix"}`` when the slide was excluded (``on_bad_slide: skip``; also a
+        damaged store under skip), else None."""
+        if self.damaged is not None:
+            return {"stage": "extract_features", "reason": f"feature store damaged: {self.damaged.problem}",
+                    "fix": self.damaged.fix}
         return self.root.attrs.get("excluded") or None
 
     def _get(self, mag: float | None, name: str) -> np.ndarray:
@@ -172,7 +216,13 @@ class FeatureStore:
             if len(mags) != 1:
                 raise ValueError(f"{self.path}: store has magnifications {mags}; pass one")
             mag = mags[0]
-        return self.root[mag_label(mag)][name][...]
+        try:
+            return self.root[mag_label(mag)][name][...]
+        except (KeyError, ValueError, TypeError):
+            raise
+        except Exception as e:  # a chunk that does not decode (read without verification)
+            raise StoreIntegrityError(self.attrs.get("slide_id", self.path.stem), self.path,
+                                      f"{mag_label(mag)}/{name} cannot be read ({type(e).__name__}: {e})") from None
 
     def features(self, mag: float | None = None) -> np.ndarray:
         return self._get(mag, "features").astype(np.float32)
@@ -216,12 +266,34 @@ class FeatureStore:
         raise KeyError(f"{self.path}: no {float(mag):g}x group; store has {self.magnifications}")
 
 
-def open_store(path: str | os.PathLike) -> FeatureStore:
-    """Open a feature store read-only (see docs/features.md for its schema)."""
+def open_store(path: str | os.PathLike, *, verify: bool = True, on_bad_slide: str = "fail") -> FeatureStore:
+    """Open a feature store read-only (see docs/features.md for its schema), after checking it
+    against its integrity manifest (:func:`slidesnake.integrity.verify_store`; ``verify=False``
+    skips that, for tools that inspect damaged stores).
+
+    A damaged or unfinished store raises :class:`~slidesnake.integrity.StoreIntegrityError` (one line
+    naming the slide, the store and the fix), or, with ``on_bad_slide="skip"`` (config
+    ``on_bad_slide``), opens as an excluded store giving that reason (:attr:`FeatureStore.excluded`).
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"feature store not found: {path}")
-    return FeatureStore(path=path, root=zarr.open_group(str(path), mode="r"))
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        attrs = dict(root.attrs)
+    except Exception as e:
+        err = StoreIntegrityError(path.stem, path, f"it cannot be opened as a Zarr group ({type(e).__name__}: {e})")
+        if on_bad_slide == "skip":
+            return FeatureStore(path=path, root=None, damaged=err)
+        raise err from None
+    if verify:
+        try:
+            verify_store(path, attrs)
+        except StoreIntegrityError as err:
+            if on_bad_slide == "skip":
+                return FeatureStore(path=path, root=None, damaged=err)
+            raise
+    return FeatureStore(path=path, root=root)
 
 
 # Root attributes that identify the encoder which wrote a store (slidesnake.backbones.Backbone.provenance);

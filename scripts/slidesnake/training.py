@@ -13,6 +13,7 @@ The entry points used by ``scripts/train.py`` and the heatmap stage:
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import os
@@ -62,7 +63,7 @@ class TrainResult:
 def load_bags(stores: Sequence[str | os.PathLike], magnification: float | None,
               slide_ids: Sequence[str] | None = None, log: logging.Logger | None = None, *,
               bag_type: str = "flat", magnifications: Sequence[float] | None = None,
-              samples: pd.DataFrame | None = None) -> dict:
+              samples: pd.DataFrame | None = None, on_bad_slide: str = "fail") -> dict:
     """The bags of ``bag_type`` read once from the ``<slide_id>.zarr`` stores.
 
     ``flat``: slide_id -> features ``(N, D) float32`` of ``magnification``. ``multiscale``:
@@ -71,7 +72,10 @@ def load_bags(stores: Sequence[str | os.PathLike], magnification: float | None,
     sheet, for patient and stain) at ``magnification``. With ``slide_ids`` only those slides are
     read, and each must have a store. A store marked excluded (config ``on_bad_slide: skip``)
     gives an :class:`~slidesnake.bags.ExcludedBag` (logged; training skips it with the reason);
-    NaN / Inf features raise :class:`~slidesnake.bags.NonFiniteError` naming the slide.
+    NaN / Inf features raise :class:`~slidesnake.bags.NonFiniteError` naming the slide. Every store is
+    checked against its integrity manifest first: a damaged one raises
+    :class:`~slidesnake.integrity.StoreIntegrityError`, or with ``on_bad_slide="skip"`` (config
+    ``on_bad_slide``) is an ``ExcludedBag`` giving that reason.
     """
     from slidesnake.store import check_same_encoder
 
@@ -83,7 +87,7 @@ def load_bags(stores: Sequence[str | os.PathLike], magnification: float | None,
         raise KeyError(f"no feature store for slide(s) {missing[:10]} ({len(missing)} in all)")
     check_same_encoder(by_id[s] for s in wanted)  # one encoder's features per model
     return bag_kind(bag_type).load(by_id, wanted, magnification=magnification, magnifications=magnifications,
-                                   samples=samples, log=log)
+                                   samples=samples, log=log, on_bad_slide=on_bad_slide)
 
 
 def _feature_stats(arrays: Sequence[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -495,12 +499,30 @@ def save_checkpoint(path: str | os.PathLike, result: TrainResult, meta: Mapping 
         if k in ckpt:
             raise ValueError(f"meta key {k!r} would overwrite a checkpoint entry")
         ckpt[str(k)] = _plain(v, f"meta.{k}")
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    # Serialised in memory, then written: a full disk is an OSError naming the file, not torch's
+    # "unexpected pos"; the sha256 sidecar (model.pt.sha256) follows the checkpoint.
+    import io as _io
+
+    from slidesnake.integrity import sidecar_line, sidecar_path
+    from slidesnake.io import disk_full_errors
+
+    buf = _io.BytesIO()
+    torch.save(ckpt, buf)
+    data = buf.getvalue()
+    for target, payload in ((Path(path), data),
+                            (sidecar_path(path), sidecar_line(hashlib.sha256(data).hexdigest(), path).encode())):
+        with disk_full_errors(target), atomic_path(target) as tmp:
+            with open(tmp, "wb") as fh:
+                fh.write(payload)
 
 
-def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[MILModel, dict]:
-    """Rebuild the model of a checkpoint (eval mode) and return it with the checkpoint dict."""
+def load_checkpoint(path: str | os.PathLike, device: str = "cpu", verify: bool = True) -> tuple[MILModel, dict]:
+    """Rebuild the model of a checkpoint (eval mode) and return it with the checkpoint dict. ``verify``:
+    check it against its sha256 sidecar first (:func:`slidesnake.integrity.verify_sidecar`)."""
+    if verify:
+        from slidesnake.integrity import verify_sidecar
+
+        verify_sidecar(path)
     ckpt = torch.load(path, map_location=device, weights_only=True)
     model = create_model(ckpt["model_name"], ckpt["in_dim"], len(ckpt["classes"]), **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["state_dict"])

@@ -7,6 +7,7 @@ from snakemake.utils import validate
 # The package lives beside the rule scripts; importable without installation.
 sys.path.insert(0, os.path.join(workflow.basedir, "..", "scripts"))
 from slidesnake.coupling import check_model as check_coupling_model
+from slidesnake.config import load_config, validate_schema
 from slidesnake.io import sha256_file
 from slidesnake.predict import fold_checkpoints
 from slidesnake.presets import PRESETS, backbone_dirname, check_backbone_name
@@ -18,7 +19,7 @@ from slidesnake.samples import (
     read_predict_sheet,
     read_sheet,
 )
-from slidesnake.tiling import mag_label, parse_targets
+from slidesnake.tiling import mag_label
 
 # Threads and resources are Snakemake's, set per rule in the workflow profile
 # (workflow/profiles/default/config.yaml), no longer in the config: say so rather than "unknown key".
@@ -34,7 +35,19 @@ if _moved:
         "and gpu come from the workflow profile workflow/profiles/default/config.yaml; override them "
         "with e.g. --set-threads extract_features=8 --set-resources extract_features:mem_mb=16000"
     )
+# Types, ranges and unknown keys, one line per problem naming the key (Snakemake's validate would
+# print the whole schema after it); then Snakemake's validate fills in the schema's defaults.
+validate_schema(config, os.path.join(workflow.basedir, "schemas", "config.schema.yaml"))
 validate(config, schema="../schemas/config.schema.yaml")
+
+# A killed run leaves Snakemake's lock behind, and the next run stops with a LockException: say
+# what to do in one line (docs/reliability.md). Only the main process (not a cluster job) says it.
+if workflow.is_main_process and os.path.isdir(".snakemake/locks") and os.listdir(".snakemake/locks"):
+    print(
+        "slidesnake: this directory holds a Snakemake lock; if no other snakemake runs here (a killed "
+        "run leaves it behind), run `snakemake --unlock` with the same options, then run again",
+        file=sys.stderr,
+    )
 
 samples = read_sheet(config["samples"])
 # Every row against the schema and the cross-row checks, all problems reported at once. Missing
@@ -48,6 +61,20 @@ check_sheet(
     schema=os.path.join(workflow.basedir, "schemas", "samples.schema.yaml"),
 )
 validate(samples, schema="../schemas/samples.schema.yaml")
+# Typed config sections and the cross-field checks (registries, magnifications, k against the
+# patients of each class): mistakes stop here, before any job, in one line (slidesnake.config).
+# The sheet-against-k checks are left out only when every target is a per-slide output (tiles,
+# tissue, features): such targets work with any sheet.
+# (Snakemake sets its targets after parsing: the command line is read here.)
+_ARGS = [a for a in sys.argv[1:] if not a.startswith("-")]
+_PER_SLIDE_ONLY = any(
+    d in a.split(os.sep)[:-1] for a in _ARGS for d in ("tiles", "tissue", "features")
+) and not any(a in ("all", "predict") or a.endswith(("splits.csv", "summary.csv", "model.pt")) for a in _ARGS)
+CFG = load_config(
+    config,
+    os.path.join(workflow.basedir, "schemas", "config.schema.yaml"),
+    None if _PER_SLIDE_ONLY else samples,
+)
 MISSING = missing_files(samples)
 if MISSING and config["on_bad_slide"] == "skip":
     print(
@@ -65,9 +92,9 @@ MODEL = config["training"]["model"]
 FOLDS = list(range(config["splits"]["k"]))
 # Tiled magnifications as numbers: entries "0.5um" (pixel-size targets) are named by their nominal
 # magnification 10 / mpp (20x); two entries naming one magnification are an error here.
-TILE_MAGNIFICATIONS = [t.magnification for t in parse_targets(config["tiling"]["magnifications"])]
+TILE_MAGNIFICATIONS = CFG.tile_magnifications
 # Magnifications read by multiscale models (bag_type "multiscale"): default every tiled one.
-TRAIN_MAGNIFICATIONS = config["training"].get("magnifications") or TILE_MAGNIFICATIONS
+TRAIN_MAGNIFICATIONS = config["training"]["magnifications"] or TILE_MAGNIFICATIONS
 
 
 wildcard_constraints:

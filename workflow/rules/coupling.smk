@@ -53,11 +53,8 @@ rule coupling_extract:
     params:
         backbone=config["features"]["backbone"],
         weights=lambda wc, input: input.embedder,
-        batch_size=config["features"]["batch_size"],
-        num_workers=config["features"]["num_workers"],
-        device=config["features"]["device"],
         feature_dtype=config["features"]["feature_dtype"],
-        compile=config["features"]["compile"],
+        backbone_options=BACKBONE_OPTIONS,
     script:
         "../../scripts/extract_features.py"
 

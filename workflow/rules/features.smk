@@ -15,14 +15,13 @@ rule extract_features:
         f"{OUT}/benchmarks/extract_features/{BACKBONE}/{{slide}}.tsv"
     conda:
         "../../envs/features.yaml"
+    # Result-defining params only. features.batch_size, num_workers, device and compile shape how the
+    # job runs, not what it computes: the script reads them from the config, so changing them
+    # reruns nothing (docs/design.md, "Result-defining and run-shaping settings").
     params:
         backbone=config["features"]["backbone"],
         weights=config["features"]["weights"],
-        batch_size=config["features"]["batch_size"],
-        num_workers=config["features"]["num_workers"],
-        device=config["features"]["device"],
         feature_dtype=config["features"]["feature_dtype"],
-        compile=config["features"]["compile"],
         backbone_options=BACKBONE_OPTIONS,
     script:
         "../../scripts/extract_features.py"

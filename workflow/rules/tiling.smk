@@ -44,9 +44,10 @@ rule filter_tissue:
         f"{OUT}/benchmarks/filter_tissue/{{slide}}.tsv"
     conda:
         "../../envs/tiling.yaml"
+    # tissue.thumbnail_size only sizes the QC picture: read by the script from the config (run-shaping,
+    # docs/design.md), so changing it does not rerun the filter, extraction and training after it.
     params:
-        tissue=config["tissue"],
-        thumbnail_size=config["tissue"]["thumbnail_size"],
+        tissue={k: v for k, v in config["tissue"].items() if k != "thumbnail_size"},
     script:
         "../../scripts/filter_tissue.py"
 

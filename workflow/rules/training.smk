@@ -1,6 +1,10 @@
+# Folds are made from the slides that will be trained on: the sheet minus results/qc/excluded.tsv
+# (excluded under on_bad_slide: skip, or an empty bag). So splits wait for every feature store, as
+# training does anyway (docs/design.md, "Splits after exclusions").
 rule make_splits:
     input:
         samples=config["samples"],
+        excluded=rules.excluded_table.output.table,
     output:
         splits=f"{OUT}/splits/splits.csv",
     log:
@@ -26,6 +30,8 @@ rule train:
         samples=config["samples"],
     output:
         model=f"{OUT}/models/{MODEL}/fold_{{fold}}/model.pt",
+        # its sha256 (sha256sum format), checked by predict and heatmap before the model is loaded
+        model_sha256=f"{OUT}/models/{MODEL}/fold_{{fold}}/model.pt.sha256",
         history=f"{OUT}/models/{MODEL}/fold_{{fold}}/history.csv",
         predictions=f"{OUT}/models/{MODEL}/fold_{{fold}}/predictions.csv",
     log:
@@ -52,13 +58,12 @@ rule train:
                 "min_epochs",
                 "class_weights",
                 "seed",
-                "device",
             )
         },
-        # TensorBoard event files (config training.tensorboard): a log directory, not an output
-        tensorboard=lambda wc: (
-            f"{OUT}/logs/tensorboard/{MODEL}/fold_{wc.fold}" if config["training"]["tensorboard"] else ""
-        ),
+        # TensorBoard event files, when config training.tensorboard: a log directory, not an output.
+        # training.device and training.tensorboard are run-shaping: the script reads them from the
+        # config, so changing them reruns nothing (docs/design.md).
+        tensorboard_dir=lambda wc: f"{OUT}/logs/tensorboard/{MODEL}/fold_{wc.fold}",
     script:
         "../../scripts/train.py"
 

@@ -30,7 +30,7 @@ rule tune:
         classes=config["classes"],
         training={
             k: config["training"][k]
-            for k in ("optimizer", "epochs", "patience", "min_epochs", "class_weights", "seed", "device")
+            for k in ("optimizer", "epochs", "patience", "min_epochs", "class_weights", "seed")
         },
         tuning=config["tuning"],
     script:
