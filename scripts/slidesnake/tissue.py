@@ -462,7 +462,7 @@ def qc_summary(meta: dict, tiles: pd.DataFrame, params: TissueParams, mask: Tiss
         mags[key] = {k: info[k] for k in ("target", "dz_level", "dz_downsample", "downsample", "tile_um",
                                           "upsampled", "n_partial_dropped") if k in info}
         mags[key].update(counts.get(key, {"tiles": 0, "tissue": 0, "artefact": 0, "kept": 0}))
-    keys = ("slide_id", "path", "vendor", "dimensions", "level_count", "level_dimensions",
+    keys = ("slide_id", "path", "vendor", "reader", "scanner", "modality", "dimensions", "level_count", "level_dimensions",
             "level_downsamples", "mpp", "mpp_y", "mpp_source", "objective_power", "objective_source",
             "tile_size", "overlap", "limit_bounds")
     return {
@@ -483,6 +483,7 @@ def qc_row(qc: dict) -> dict:
     w, h = (qc.get("dimensions") or [None, None])[:2]
     row = {
         "slide_id": qc["slide_id"], "status": qc["status"], "vendor": qc.get("vendor"),
+        "reader": qc.get("reader"), "scanner": qc.get("scanner"),
         "width": w, "height": h, "level_count": qc.get("level_count"),
         "mpp": qc.get("mpp"), "mpp_source": qc.get("mpp_source"),
         "objective_power": qc.get("objective_power"), "objective_source": qc.get("objective_source"),
@@ -499,3 +500,57 @@ def qc_row(qc: dict) -> dict:
 def qc_table(records: list[dict]) -> pd.DataFrame:
     """The cohort QC table (``results/qc/slides.tsv``): one row per slide."""
     return pd.DataFrame([qc_row(r) for r in records])
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole step for one slide (rule filter_tissue)
+
+
+@dataclass
+class SlideQC:
+    """What rule ``filter_tissue`` writes for one slide."""
+
+    tiles: pd.DataFrame
+    thumbnail: Image.Image
+    geojson: dict
+    qc: dict
+
+
+def filter_slide(path: str, meta: dict, grid: pd.DataFrame, params: TissueParams, *, thumbnail_size: int = 1024,
+                 threads: int = 1, logger: logging.Logger = log) -> SlideQC:
+    """Rule ``filter_tissue`` for one slide: tissue mask, per-tile scores and flags, QC thumbnail,
+    contours and the ``qc.json`` record. ``meta`` is the slide's ``slide.json`` (its ``reader``
+    opens the slide, so tiles come from the library that made the grid)."""
+    from slidesnake.slide import open_slide
+
+    slide_id, reader_name = meta["slide_id"], meta.get("reader", "auto")
+    slide = open_slide(path, slide_id, reader_name)
+    # The mask is always made (contours and tissue area are QC outputs); it decides tiles only
+    # when 'otsu' is one of the methods.
+    overview = read_overview(slide, params.otsu.mask_mpp / meta["mpp"], slide_id=slide_id, path=path)
+    mask = tissue_mask(overview, meta["mpp"], params.otsu)
+    logger.info("%s: tissue mask %dx%d px at %.1f um/px, Otsu threshold %.0f (used %.0f), tissue %.2f mm2",
+                slide_id, mask.mask.shape[1], mask.mask.shape[0], params.otsu.mask_mpp, mask.otsu,
+                mask.threshold, mask.area_mm2)
+    # QC thumbnail: from the mask's overview when that is fine enough, else read at its own size;
+    # the overview is dropped before tile-reading workers are forked.
+    ds = max(slide.dimensions) / thumbnail_size
+    if max(overview.rgb.shape[:2]) >= thumbnail_size:
+        w, h = max(1, round(slide.dimensions[0] / ds)), max(1, round(slide.dimensions[1] / ds))
+        thumb = Image.fromarray(cv2.resize(overview.rgb, (w, h), interpolation=cv2.INTER_AREA))
+    else:
+        thumb = Image.fromarray(read_overview(slide, ds, slide_id=slide_id, path=path).rgb)
+    del overview
+    dimensions = slide.dimensions
+    slide.close()
+
+    reader = TileReader(path, meta["tile_size"], meta["overlap"], meta["limit_bounds"], slide_id=slide_id,
+                        reader=reader_name)
+    tiles = filter_tiles(grid, reader, params, mask=mask, threads=threads)
+    qc = qc_summary(meta, tiles, params, mask)
+    for mag, c in qc["magnifications"].items():
+        logger.info("%sx: kept %d of %d tiles (%d tissue by %s (%s), %d of them rejected as artefacts)",
+                    mag, c["kept"], c["tiles"], c["tissue"], "+".join(params.methods), params.combine,
+                    c["artefact"])
+    image = qc_thumbnail(thumb, tiles, thumbnail_size, slide_dimensions=dimensions, mask=mask)
+    return SlideQC(tiles, image, mask_geojson(mask), qc)

@@ -19,6 +19,7 @@ rule tile:
         allow_upsample=config["tiling"]["allow_upsample"],
         default_mpp=config["tiling"]["default_mpp"],
         default_objective=config["tiling"]["default_objective"],
+        reader=config["tiling"]["reader"],
     script:
         "../../scripts/tile.py"
 
