@@ -30,7 +30,8 @@ if upstream := excluded_of(meta):  # excluded by rule tile: pass the marker on, 
 
 with one_line_errors(log, mode, "filter_tissue", exclude):
     out = filter_slide(path, meta, pd.read_parquet(sm.input.grid), TissueParams.from_config(sm.params.tissue),
-                       thumbnail_size=sm.params.thumbnail_size, threads=sm.threads, logger=log)
+                       thumbnail_size=sm.params.thumbnail_size, threads=sm.threads, stain=sm.params.stain,
+                       logger=log)
     qc = out.qc
     if qc["status"] != "ok":
         log.warning("%s: %s", slide_id, qc["status"])

@@ -479,7 +479,7 @@ def _image(path: str) -> openslide.ImageSlide:
     try:
         return openslide.ImageSlide(path)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ReaderError(f"no reader recognises the file ({_one_line(err)})",
+        raise ReaderError(f"cannot be opened (no reader recognises the file: {_one_line(err)})",
                           "convert it to a pyramidal TIFF (bfconvert -pyramid-resolutions, or vips tiffsave "
                           "--pyramid) or check that it is a slide") from None
 

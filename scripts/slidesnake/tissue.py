@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass, field
 
 import cv2
@@ -33,6 +34,14 @@ from slidesnake.tiling import TileReader, mag_label, map_tiles
 log = logging.getLogger(__name__)
 
 METHODS = ("edge", "otsu")
+MODALITIES = ("brightfield", "fluorescence")
+#: Sheet ``stain`` values (lower case, any of these words) that mean a fluorescence image.
+FLUORESCENCE_STAINS = ("dapi", "hoechst", "fitc", "tritc", "cy2", "cy3", "cy5", "cy7", "gfp", "rfp", "if",
+                       "mif", "fluorescence", "fluorescent", "immunofluorescence", "opal", "af488", "af555",
+                       "af594", "af647", "alexa")
+#: An overview whose median brightest-channel value is below this is a dark-background
+#: (fluorescence) image: brightfield glass is bright (~240), even full-tissue fields stay above 150.
+FLUORESCENCE_MAX_MEDIAN = 80
 SCORE_COLUMNS = ["edge_score", "tissue_fraction", "background_fraction", "ink_fraction"]
 FLAG_COLUMNS = ["tissue", "artefact", "keep"]
 
@@ -69,6 +78,16 @@ class OtsuParams:
     closing_um: float = 50.0       # diameter of the closing disk
     min_area_mm2: float = 0.01     # smaller tissue components are dropped
     max_hole_mm2: float = 0.01     # smaller holes are filled
+    # brightfield: a pixel is also tissue when its optical density (sum over RGB of -ln(I / 256))
+    # exceeds this (0: off); catches pale, unsaturated haematoxylin (IHC counterstain) that
+    # saturation misses
+    od_threshold: float = 0.5
+    # fluorescence: Otsu's threshold on the brightest channel (0-255) is clamped to this range
+    fluorescence_min_threshold: float = 20.0
+    fluorescence_max_threshold: float = 100.0
+    # fluorescence: closing disk diameter (um); larger than brightfield's, as a nuclear stain
+    # lights nuclei, not the stroma between them
+    fluorescence_closing_um: float = 150.0
 
 
 @dataclass(frozen=True)
@@ -85,8 +104,13 @@ class TissueParams:
     edge_threshold: float = 15.0
     otsu: OtsuParams = field(default_factory=OtsuParams)
     artefacts: ArtefactParams = field(default_factory=ArtefactParams)
+    # brightfield, fluorescence, or auto (the sheet's stain, the slide's metadata, else the image:
+    # see resolve_modality)
+    modality: str = "auto"
 
     def __post_init__(self):
+        if self.modality not in MODALITIES + ("auto",):
+            raise ValueError(f"tissue.modality must be auto or one of {MODALITIES}, got {self.modality!r}")
         unknown = set(self.methods) - set(METHODS)
         if unknown or not self.methods:
             raise ValueError(f"tissue.methods must be a non-empty subset of {METHODS}, got {list(self.methods)}")
@@ -102,6 +126,7 @@ class TissueParams:
             edge_threshold=float(cfg.get("edge_threshold", cls.edge_threshold)),
             otsu=OtsuParams(**(cfg.get("otsu") or {})),
             artefacts=ArtefactParams(**(cfg.get("artefacts") or {})),
+            modality=cfg.get("modality", cls.modality),
         )
 
     def to_dict(self) -> dict:
@@ -217,9 +242,10 @@ class TissueMask:
     mask: np.ndarray
     sx: float
     sy: float
-    threshold: float   # saturation threshold used (Otsu's, clamped)
+    threshold: float   # threshold used (Otsu's, clamped): saturation, or brightness (fluorescence)
     otsu: float        # Otsu's own threshold
     mpp: float         # level-0 microns per pixel of the slide
+    modality: str = "brightfield"
 
     @property
     def area_mm2(self) -> float:
@@ -266,20 +292,65 @@ def _fill_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
     return mask | fill[labels]
 
 
-def tissue_mask(overview: Overview, mpp: float, params: OtsuParams = OtsuParams()) -> TissueMask:
-    """Otsu tissue mask of an overview: HSV saturation, median blur, Otsu threshold (clamped to
-    ``[min_threshold, max_threshold]``), closing, small objects dropped, small holes filled."""
-    sat = cv2.cvtColor(overview.rgb, cv2.COLOR_RGB2HSV)[..., 1]
-    sat = cv2.medianBlur(sat, 5) if min(sat.shape) >= 5 else sat
-    otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    threshold = float(np.clip(otsu, params.min_threshold, params.max_threshold))
-    mask = sat > threshold
+def tissue_mask(overview: Overview, mpp: float, params: OtsuParams = OtsuParams(),
+                modality: str = "brightfield") -> TissueMask:
+    """Tissue mask of an overview, then closing, small objects dropped, small holes filled.
+
+    Brightfield: Otsu threshold of the median-blurred HSV saturation (clamped to
+    ``[min_threshold, max_threshold]``), or optical density above ``od_threshold`` (pale,
+    unsaturated counterstain). Fluorescence (dark background): Otsu threshold of the brightest
+    channel (clamped to ``[fluorescence_min_threshold, fluorescence_max_threshold]``): the mask is
+    where the tissue glows, the inverse of brightfield's dark-on-bright.
+    """
+    if modality == "fluorescence":
+        signal = overview.rgb.max(axis=2)
+        signal = cv2.medianBlur(signal, 3) if min(signal.shape) >= 3 else signal
+        otsu, _ = cv2.threshold(signal, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        threshold = float(np.clip(otsu, params.fluorescence_min_threshold, params.fluorescence_max_threshold))
+        mask = signal > threshold
+    else:
+        sat = cv2.cvtColor(overview.rgb, cv2.COLOR_RGB2HSV)[..., 1]
+        sat = cv2.medianBlur(sat, 5) if min(sat.shape) >= 5 else sat
+        otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        threshold = float(np.clip(otsu, params.min_threshold, params.max_threshold))
+        mask = sat > threshold
+        if params.od_threshold > 0:
+            rgb = cv2.medianBlur(overview.rgb, 5) if min(overview.rgb.shape[:2]) >= 5 else overview.rgb
+            od = -np.log((rgb.astype(np.float32) + 1) / 256).sum(axis=2)
+            mask |= od > params.od_threshold
     um = math.sqrt(overview.sx * overview.sy) * mpp  # microns per mask pixel
-    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, _disk(params.closing_um / um)).astype(bool)
+    closing = params.fluorescence_closing_um if modality == "fluorescence" else params.closing_um
+    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, _disk(closing / um)).astype(bool)
     px_per_mm2 = 1e6 / um ** 2
     mask = _drop_small(mask, params.min_area_mm2 * px_per_mm2)
     mask = _fill_holes(mask, params.max_hole_mm2 * px_per_mm2)
-    return TissueMask(mask, overview.sx, overview.sy, threshold, float(otsu), mpp)
+    return TissueMask(mask, overview.sx, overview.sy, threshold, float(otsu), mpp, modality)
+
+
+def looks_fluorescent(rgb: np.ndarray) -> bool:
+    """Whether an overview has a dark background (fluorescence), from its median brightest channel."""
+    return bool(np.median(rgb.max(axis=2)) < FLUORESCENCE_MAX_MEDIAN)
+
+
+def stain_modality(stain) -> str | None:
+    """``fluorescence`` when a sheet ``stain`` names a fluorophore / IF (e.g. DAPI, FITC, "mIF"),
+    ``brightfield`` for other non-empty stains (HE, IHC, Ki67, ...), None when empty."""
+    if stain is None or (isinstance(stain, float) and math.isnan(stain)) or not str(stain).strip():
+        return None
+    words = set(re.split(r"[^a-z0-9]+", str(stain).lower()))
+    return "fluorescence" if words & set(FLUORESCENCE_STAINS) else "brightfield"
+
+
+def resolve_modality(setting: str, stain, slide_modality: str | None, rgb: np.ndarray) -> tuple[str, str]:
+    """``(modality, source)``: config ``tissue.modality`` unless auto; else the sheet's stain; else
+    the slide's metadata (DICOM illumination, OME acquisition mode); else the overview's background."""
+    if setting in MODALITIES:
+        return setting, "config tissue.modality"
+    if m := stain_modality(stain):
+        return m, f"sample sheet stain {str(stain)!r}"
+    if slide_modality in MODALITIES:
+        return slide_modality, "slide metadata"
+    return ("fluorescence" if looks_fluorescent(rgb) else "brightfield"), "image (background brightness)"
 
 
 def mask_geojson(mask: TissueMask, classification: dict = CLASSIFICATION) -> dict:
@@ -329,7 +400,7 @@ def mask_geojson(mask: TissueMask, classification: dict = CLASSIFICATION) -> dic
 
 
 def filter_tiles(grid: pd.DataFrame, reader: TileReader, params: TissueParams = TissueParams(), *,
-                 mask: TissueMask | None = None, threads: int = 1) -> pd.DataFrame:
+                 mask: TissueMask | None = None, threads: int = 1, modality: str | None = None) -> pd.DataFrame:
     """The grid plus per-tile scores and the ``tissue``, ``artefact`` and ``keep`` flags.
 
     Scores: ``edge_score``, ``tissue_fraction`` (mask coverage), ``background_fraction`` and
@@ -340,6 +411,9 @@ def filter_tiles(grid: pd.DataFrame, reader: TileReader, params: TissueParams = 
     out = grid.copy()
     n = len(out)
     use_edge, use_otsu, art = "edge" in params.methods, "otsu" in params.methods, params.artefacts
+    modality = modality or (mask.modality if mask is not None else "brightfield")
+    if modality == "fluorescence":  # dark background and no pen under fluorescence: no background/ink veto
+        art = ArtefactParams(**{**asdict(art), "enabled": False})
     if use_otsu and mask is None:
         raise ValueError("tissue method 'otsu' needs the slide's tissue mask")
     frac = mask.coverage(out) if use_otsu else np.full(n, np.nan, np.float32)
@@ -487,6 +561,7 @@ def qc_row(qc: dict) -> dict:
         "width": w, "height": h, "level_count": qc.get("level_count"),
         "mpp": qc.get("mpp"), "mpp_source": qc.get("mpp_source"),
         "objective_power": qc.get("objective_power"), "objective_source": qc.get("objective_source"),
+        "modality": qc.get("modality"),
         "tissue_area_mm2": (qc.get("mask") or {}).get("tissue_area_mm2"),
         "otsu_threshold": (qc.get("mask") or {}).get("threshold"),
     }
@@ -517,7 +592,7 @@ class SlideQC:
 
 
 def filter_slide(path: str, meta: dict, grid: pd.DataFrame, params: TissueParams, *, thumbnail_size: int = 1024,
-                 threads: int = 1, logger: logging.Logger = log) -> SlideQC:
+                 threads: int = 1, stain: str | None = None, logger: logging.Logger = log) -> SlideQC:
     """Rule ``filter_tissue`` for one slide: tissue mask, per-tile scores and flags, QC thumbnail,
     contours and the ``qc.json`` record. ``meta`` is the slide's ``slide.json`` (its ``reader``
     opens the slide, so tiles come from the library that made the grid)."""
@@ -528,7 +603,9 @@ def filter_slide(path: str, meta: dict, grid: pd.DataFrame, params: TissueParams
     # The mask is always made (contours and tissue area are QC outputs); it decides tiles only
     # when 'otsu' is one of the methods.
     overview = read_overview(slide, params.otsu.mask_mpp / meta["mpp"], slide_id=slide_id, path=path)
-    mask = tissue_mask(overview, meta["mpp"], params.otsu)
+    modality, modality_source = resolve_modality(params.modality, stain, meta.get("modality"), overview.rgb)
+    logger.info("%s: %s (%s)", slide_id, modality, modality_source)
+    mask = tissue_mask(overview, meta["mpp"], params.otsu, modality)
     logger.info("%s: tissue mask %dx%d px at %.1f um/px, Otsu threshold %.0f (used %.0f), tissue %.2f mm2",
                 slide_id, mask.mask.shape[1], mask.mask.shape[0], params.otsu.mask_mpp, mask.otsu,
                 mask.threshold, mask.area_mm2)
@@ -548,6 +625,7 @@ def filter_slide(path: str, meta: dict, grid: pd.DataFrame, params: TissueParams
                         reader=reader_name)
     tiles = filter_tiles(grid, reader, params, mask=mask, threads=threads)
     qc = qc_summary(meta, tiles, params, mask)
+    qc["modality"], qc["modality_source"] = modality, modality_source
     for mag, c in qc["magnifications"].items():
         logger.info("%sx: kept %d of %d tiles (%d tissue by %s (%s), %d of them rejected as artefacts)",
                     mag, c["kept"], c["tiles"], c["tissue"], "+".join(params.methods), params.combine,

@@ -77,6 +77,11 @@ _PATH = dict(zip(samples["slide_id"], samples["path"]))
 _MPP = {s: None if pd.isna(m) else float(m) for s, m in zip(samples["slide_id"], samples["mpp"])}
 _PATIENT = dict(zip(samples["slide_id"], samples["patient_id"]))
 _LABEL = dict(zip(samples["slide_id"], samples["label"]))
+# optional `stain` column: tells filter_tissue a fluorescence slide (tissue.modality: auto)
+_STAIN = {
+    s: (None if pd.isna(t) else str(t))
+    for s, t in zip(samples["slide_id"], samples.get("stain", [None] * len(samples)))
+}
 _PATIENT_SLIDES = {}
 for _s, _p in _PATIENT.items():
     _PATIENT_SLIDES.setdefault(_p, []).append(_s)
@@ -131,6 +136,10 @@ def slide_path(wildcards):
 
 def slide_mpp(wildcards):
     return _MPP[wildcards.slide]
+
+
+def slide_stain(wildcards):
+    return _STAIN.get(wildcards.slide)
 
 
 def feature_stores(wildcards=None):

@@ -47,6 +47,7 @@ rule filter_tissue:
         "../../envs/tiling.yaml"
     params:
         tissue=config["tissue"],
+        stain=slide_stain,
         thumbnail_size=config["tissue"]["thumbnail_size"],
     script:
         "../../scripts/filter_tissue.py"
