@@ -28,6 +28,7 @@ import openslide
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from slidesnake.focus import focus_score
 from slidesnake.slide import pixel_errors
 from slidesnake.tiling import TileReader, mag_label, map_tiles
 
@@ -42,8 +43,8 @@ FLUORESCENCE_STAINS = ("dapi", "hoechst", "fitc", "tritc", "cy2", "cy3", "cy5", 
 #: An overview whose median brightest-channel value is below this is a dark-background
 #: (fluorescence) image: brightfield glass is bright (~240), even full-tissue fields stay above 150.
 FLUORESCENCE_MAX_MEDIAN = 80
-SCORE_COLUMNS = ["edge_score", "tissue_fraction", "background_fraction", "ink_fraction"]
-FLAG_COLUMNS = ["tissue", "artefact", "keep"]
+SCORE_COLUMNS = ["edge_score", "tissue_fraction", "background_fraction", "ink_fraction", "focus_score"]
+FLAG_COLUMNS = ["tissue", "artefact", "blurred", "keep"]
 
 # Pixel classes of artefact rejection, in OpenCV's 8-bit HSV (H in [0, 180), S and V in [0, 255]).
 # Measured on the real slides in ../shared (CMU-1 H&E, a TCGA frozen section, Ki67 and kidney IHC,
@@ -98,12 +99,19 @@ class ArtefactParams:
 
 
 @dataclass(frozen=True)
+class BlurParams:
+    enabled: bool = True
+    min_focus: float = 0.15        # reject tissue tiles whose focus score (slidesnake.focus) is below
+
+
+@dataclass(frozen=True)
 class TissueParams:
     methods: tuple[str, ...] = ("edge", "otsu")
     combine: str = "any"
     edge_threshold: float = 15.0
     otsu: OtsuParams = field(default_factory=OtsuParams)
     artefacts: ArtefactParams = field(default_factory=ArtefactParams)
+    blur: BlurParams = field(default_factory=BlurParams)
     # brightfield, fluorescence, or auto (the sheet's stain, the slide's metadata, else the image:
     # see resolve_modality)
     modality: str = "auto"
@@ -126,6 +134,7 @@ class TissueParams:
             edge_threshold=float(cfg.get("edge_threshold", cls.edge_threshold)),
             otsu=OtsuParams(**(cfg.get("otsu") or {})),
             artefacts=ArtefactParams(**(cfg.get("artefacts") or {})),
+            blur=BlurParams(**(cfg.get("blur") or {})),
             modality=cfg.get("modality", cls.modality),
         )
 
@@ -170,12 +179,14 @@ def artefact_fractions(tile: np.ndarray) -> tuple[float, float]:
     return float(background.mean()), float(ink.mean())
 
 
-def score_tile(reader: TileReader, address, *, edge: bool = True, artefacts: bool = True) -> tuple:
-    """``(edge_score, background_fraction, ink_fraction)`` of one tile (NaN where not asked)."""
+def score_tile(reader: TileReader, address, *, edge: bool = True, artefacts: bool = True,
+               focus: bool = False) -> tuple:
+    """``(edge_score, background_fraction, ink_fraction, focus_score)`` of one tile (NaN where not
+    asked)."""
     tile = reader.read(*address)
     e = edge_density(tile) if edge else math.nan
     bg, ink = artefact_fractions(tile) if artefacts else (math.nan, math.nan)
-    return e, bg, ink
+    return e, bg, ink, focus_score(tile) if focus else math.nan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,14 +434,16 @@ def filter_tiles(grid: pd.DataFrame, reader: TileReader, params: TissueParams = 
     # the mask is the only method. Otherwise edge needs every tile, artefacts every tissue tile.
     decided_out = (~otsu_ok if use_otsu and (params.combine == "all" or not use_edge)
                    else np.zeros(n, bool))
-    need_pixels = use_edge or art.enabled
+    blur = params.blur
+    need_pixels = use_edge or art.enabled or blur.enabled
     read = ~decided_out if need_pixels else np.zeros(n, bool)
-    scores = np.full((n, 3), np.nan, np.float32)
+    scores = np.full((n, 4), np.nan, np.float32)
     if read.any():
-        fn = functools.partial(score_tile, edge=use_edge, artefacts=art.enabled)
+        fn = functools.partial(score_tile, edge=use_edge, artefacts=art.enabled, focus=blur.enabled)
         scores[read] = np.asarray(map_tiles(fn, out[read], reader, threads, what="scored"), np.float32)
     out["edge_score"], out["tissue_fraction"] = scores[:, 0], frac
     out["background_fraction"], out["ink_fraction"] = scores[:, 1], scores[:, 2]
+    out["focus_score"] = scores[:, 3]
 
     votes = []
     if use_edge:
@@ -441,9 +454,14 @@ def filter_tiles(grid: pd.DataFrame, reader: TileReader, params: TissueParams = 
     artefact = np.zeros(n, bool)
     if art.enabled:
         artefact = read & ((scores[:, 1] > art.max_background) | (scores[:, 2] > art.max_ink))
+    # out of focus: a veto like pen ink; tiles without a score (too little tissue) are not judged
+    blurred = np.zeros(n, bool)
+    if blur.enabled:
+        blurred = read & (np.nan_to_num(scores[:, 3], nan=np.inf) < blur.min_focus)
     out["tissue"] = tissue
     out["artefact"] = tissue & artefact
-    out["keep"] = tissue & ~artefact
+    out["blurred"] = tissue & blurred & ~artefact
+    out["keep"] = tissue & ~artefact & ~blurred
     out.attrs["tiles_read"] = int(read.sum())
     return out
 
@@ -458,7 +476,8 @@ def slide_status(tiles: pd.DataFrame) -> str:
 def tile_counts(tiles: pd.DataFrame) -> dict[str, dict[str, int]]:
     """Per magnification: tiles before filtering, tissue, rejected as artefact, kept."""
     return {f"{m:g}": {"tiles": len(g), "tissue": int(g["tissue"].sum()),
-                       "artefact": int(g["artefact"].sum()), "kept": int(g["keep"].sum())}
+                       "artefact": int(g["artefact"].sum()),
+                       "blurred": int(g["blurred"].sum()) if "blurred" in g else 0, "kept": int(g["keep"].sum())}
             for m, g in tiles.groupby("magnification")}
 
 
@@ -467,6 +486,7 @@ def tile_counts(tiles: pd.DataFrame) -> dict[str, dict[str, int]]:
 
 
 KEPT_COLOUR, ARTEFACT_COLOUR, CONTOUR_COLOUR = (0, 170, 0), (230, 0, 200), (0, 90, 255)
+BLURRED_COLOUR = (255, 140, 0)
 
 
 def qc_thumbnail(thumb: Image.Image | openslide.AbstractSlide, tiles: pd.DataFrame, max_size: int = 1024, *,
@@ -498,7 +518,9 @@ def qc_thumbnail(thumb: Image.Image | openslide.AbstractSlide, tiles: pd.DataFra
         g = tiles[tiles["magnification"] == mag] if mag is not None else tiles[:0]
         overlay = Image.new("RGBA", thumb.size, (0, 0, 0, 0))
         draw = ImageDraw.Draw(overlay)
-        for sel, colour in ((g[g["keep"]], KEPT_COLOUR), (g[g["artefact"]], ARTEFACT_COLOUR)):
+        blurred = g[g["blurred"]] if "blurred" in g else g[:0]
+        for sel, colour in ((g[g["keep"]], KEPT_COLOUR), (g[g["artefact"]], ARTEFACT_COLOUR),
+                            (blurred, BLURRED_COLOUR)):
             boxes = sel[["x", "y", "w", "h"]].to_numpy(np.float64)
             outline = len(boxes) and boxes[0, 2] * sx >= 6  # outlines only where tiles are visible
             for x, y, w, h in boxes:
@@ -510,6 +532,7 @@ def qc_thumbnail(thumb: Image.Image | openslide.AbstractSlide, tiles: pd.DataFra
             fill=(0, 0, 0))
         panels.append(panel)
     legend = ((KEPT_COLOUR, "kept"), (ARTEFACT_COLOUR, "rejected: background / pen ink"),
+              (BLURRED_COLOUR, "rejected: out of focus"),
               (CONTOUR_COLOUR, "tissue mask contour"))
     measure = ImageDraw.Draw(thumb)
     widths = [30 + int(measure.textlength(text)) for _, text in legend]
@@ -535,7 +558,7 @@ def qc_summary(meta: dict, tiles: pd.DataFrame, params: TissueParams, mask: Tiss
     for key, info in sorted(meta.get("magnifications", {}).items(), key=lambda kv: float(kv[0])):
         mags[key] = {k: info[k] for k in ("target", "dz_level", "dz_downsample", "downsample", "tile_um",
                                           "upsampled", "n_partial_dropped") if k in info}
-        mags[key].update(counts.get(key, {"tiles": 0, "tissue": 0, "artefact": 0, "kept": 0}))
+        mags[key].update(counts.get(key, {"tiles": 0, "tissue": 0, "artefact": 0, "blurred": 0, "kept": 0}))
     keys = ("slide_id", "path", "vendor", "reader", "scanner", "modality", "dimensions", "level_count", "level_dimensions",
             "level_downsamples", "mpp", "mpp_y", "mpp_source", "objective_power", "objective_source",
             "tile_size", "overlap", "limit_bounds")
@@ -567,7 +590,7 @@ def qc_row(qc: dict) -> dict:
     }
     for key, m in qc.get("magnifications", {}).items():
         label = mag_label(float(key))
-        for k in ("dz_level", "tile_um", "tiles", "artefact", "kept"):
+        for k in ("dz_level", "tile_um", "tiles", "artefact", "blurred", "kept"):
             row[f"{k}_{label}"] = m.get(k)
     return row
 
@@ -627,8 +650,8 @@ def filter_slide(path: str, meta: dict, grid: pd.DataFrame, params: TissueParams
     qc = qc_summary(meta, tiles, params, mask)
     qc["modality"], qc["modality_source"] = modality, modality_source
     for mag, c in qc["magnifications"].items():
-        logger.info("%sx: kept %d of %d tiles (%d tissue by %s (%s), %d of them rejected as artefacts)",
-                    mag, c["kept"], c["tiles"], c["tissue"], "+".join(params.methods), params.combine,
-                    c["artefact"])
+        logger.info("%sx: kept %d of %d tiles (%d tissue by %s (%s), %d of them rejected as artefacts, "
+                    "%d as out of focus)", mag, c["kept"], c["tiles"], c["tissue"], "+".join(params.methods),
+                    params.combine, c["artefact"], c["blurred"])
     image = qc_thumbnail(thumb, tiles, thumbnail_size, slide_dimensions=dimensions, mask=mask)
     return SlideQC(tiles, image, mask_geojson(mask), qc)
