@@ -432,8 +432,11 @@ def tile_slide(path: str | os.PathLike, slide_id: str, *, magnifications: list, 
                             f"{1 / info['downsample']:.2f}x")
     for w in warnings:
         logger.warning("%s: %s", slide_id, w)
+    from slidesnake.audit import content_hash
+
     meta = {**slide_metadata(slide, slide_id, str(path), res), "tile_size": tile_size, "overlap": overlap,
-            "limit_bounds": limit_bounds, "magnifications": levels, "warnings": warnings}
+            "limit_bounds": limit_bounds, "magnifications": levels, "warnings": warnings,
+            "content_hash": content_hash(path)}
     slide.close()
     return grid, meta
 

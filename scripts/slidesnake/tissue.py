@@ -561,7 +561,7 @@ def qc_summary(meta: dict, tiles: pd.DataFrame, params: TissueParams, mask: Tiss
         mags[key].update(counts.get(key, {"tiles": 0, "tissue": 0, "artefact": 0, "blurred": 0, "kept": 0}))
     keys = ("slide_id", "path", "vendor", "reader", "scanner", "modality", "dimensions", "level_count", "level_dimensions",
             "level_downsamples", "mpp", "mpp_y", "mpp_source", "objective_power", "objective_source",
-            "tile_size", "overlap", "limit_bounds")
+            "tile_size", "overlap", "limit_bounds", "content_hash")
     return {
         **{k: meta[k] for k in keys if k in meta},
         "status": slide_status(tiles),
@@ -640,6 +640,10 @@ def filter_slide(path: str, meta: dict, grid: pd.DataFrame, params: TissueParams
         thumb = Image.fromarray(cv2.resize(overview.rgb, (w, h), interpolation=cv2.INTER_AREA))
     else:
         thumb = Image.fromarray(read_overview(slide, ds, slide_id=slide_id, path=path).rgb)
+    # mean stain vectors for the cohort audit (brightfield; from the mask's overview, tissue only)
+    from slidesnake.audit import stain_vectors
+
+    stains = stain_vectors(overview.rgb[mask.mask]) if modality == "brightfield" and mask.mask.any() else None
     del overview
     dimensions = slide.dimensions
     slide.close()
@@ -649,6 +653,7 @@ def filter_slide(path: str, meta: dict, grid: pd.DataFrame, params: TissueParams
     tiles = filter_tiles(grid, reader, params, mask=mask, threads=threads)
     qc = qc_summary(meta, tiles, params, mask)
     qc["modality"], qc["modality_source"] = modality, modality_source
+    qc["stain_vectors"] = stains
     for mag, c in qc["magnifications"].items():
         logger.info("%sx: kept %d of %d tiles (%d tissue by %s (%s), %d of them rejected as artefacts, "
                     "%d as out of focus)", mag, c["kept"], c["tiles"], c["tissue"], "+".join(params.methods),

@@ -142,6 +142,13 @@ def slide_stain(wildcards):
     return _STAIN.get(wildcards.slide)
 
 
+def audit_sheet():
+    """The sheet columns the cohort audit (rule qc_table) reads, as records (a param: a relabelled
+    slide reruns the audit, not the tiling)."""
+    cols = [c for c in ("slide_id", "patient_id", "label", "site") if c in samples.columns]
+    return samples[cols].astype(str).to_dict("records")
+
+
 def feature_stores(wildcards=None):
     return expand(f"{OUT}/features/{BACKBONE}/{{slide}}.zarr", slide=SLIDES)
 

@@ -62,12 +62,16 @@ rule qc_table:
             caption="../report/qc_table.rst",
             category="Tissue QC",
         ),
+        audit=f"{OUT}/qc/cohort.tsv",
+        html=report(f"{OUT}/qc/cohort.html", caption="../report/cohort_audit.rst", category="Tissue QC"),
     log:
         f"{OUT}/logs/qc_table.log",
     benchmark:
         f"{OUT}/benchmarks/qc_table.tsv"
     conda:
         "../../envs/tiling.yaml"
+    params:
+        sheet=audit_sheet(),
     script:
         "../../scripts/qc_table.py"
 
