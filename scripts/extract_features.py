@@ -9,6 +9,7 @@ from slidesnake.exclusion import NO_TISSUE_FIX, excluded_of, log_excluded, mode_
 from slidesnake.features import extract_slide
 from slidesnake.io import setup_logging
 from slidesnake.slide import SlideError, one_line_errors
+from slidesnake.stainnorm import load_normaliser
 from slidesnake.store import write_excluded_store
 
 sm = snakemake  # noqa: F821
@@ -31,6 +32,10 @@ if upstream:  # excluded at tile or filter_tissue: pass the marker on, read noth
     exclude(upstream)
     raise SystemExit(0)
 
+# features/stain_reference.json when features.stain_normalisation is on (one file: a str; none: empty)
+stain_reference = sm.input.stain_reference
+stain_reference = stain_reference if isinstance(stain_reference, str) else next(iter(stain_reference), None)
+
 with one_line_errors(log, mode, "extract_features", exclude):
     tiles = pd.read_parquet(sm.input.tiles)
     if mode == "skip" and not tiles["keep"].any():  # (fail: an empty store; training skips the empty bag)
@@ -50,6 +55,9 @@ with one_line_errors(log, mode, "extract_features", exclude):
         feature_dtype=sm.params.feature_dtype,
         compile=getattr(sm.params, "compile", False),
         threads=sm.threads,
+        # optional stain normalisation (features.stain_normalisation, slidesnake.stainnorm)
+        tile_transform=load_normaliser(stain_reference),
+        reader=meta.get("reader", "auto"),
         extra_attrs={"mpp": meta["mpp"], "mpp_source": meta.get("mpp_source"),
                      "objective_power": meta["objective_power"],
                      "objective_source": meta.get("objective_source")},

@@ -142,6 +142,35 @@ def slide_stain(wildcards):
     return _STAIN.get(wildcards.slide)
 
 
+STAIN_NORM = config["features"]["stain_normalisation"]
+if (
+    STAIN_NORM["method"] != "none"
+    and STAIN_NORM["reference"] != "cohort"
+    and STAIN_NORM["reference"] not in _PATH
+):
+    raise ValueError(
+        f"config features.stain_normalisation.reference {STAIN_NORM['reference']!r} is neither 'cohort' nor a "
+        "slide_id of the sample sheet; fix it"
+    )
+if STAIN_NORM["method"] == "reinhard" and STAIN_NORM["reference"] == "cohort":
+    raise ValueError(
+        "config features.stain_normalisation: reinhard needs a reference slide (reference: <slide_id>); "
+        "'cohort' is for macenko"
+    )
+
+
+def stain_reference_path(wildcards=None):
+    """features/stain_reference.json when stain normalisation is on (an input of extract_features), else []."""
+    return [] if STAIN_NORM["method"] == "none" else [f"{OUT}/features/stain_reference.json"]
+
+
+def stain_reference_inputs(wildcards=None):
+    ref = STAIN_NORM["reference"]
+    if ref == "cohort":
+        return {"qc": expand(f"{OUT}/qc/{{slide}}/qc.json", slide=SLIDES)}
+    return {"meta": f"{OUT}/tiles/{ref}/slide.json", "slide": _PATH[ref]}
+
+
 def audit_sheet():
     """The sheet columns the cohort audit (rule qc_table) reads, as records (a param: a relabelled
     slide reruns the audit, not the tiling)."""

@@ -5,6 +5,7 @@ rule extract_features:
         meta=rules.tile.output.meta,
         # the exclusion marker of filter_tissue (config on_bad_slide: skip)
         qc=rules.filter_tissue.output.qc,
+        stain_reference=stain_reference_path,
     output:
         store=directory(f"{OUT}/features/{BACKBONE}/{{slide}}.zarr"),
     log:
@@ -21,8 +22,27 @@ rule extract_features:
         device=config["features"]["device"],
         feature_dtype=config["features"]["feature_dtype"],
         compile=config["features"]["compile"],
+        stain_normalisation=STAIN_NORM,
     script:
         "../../scripts/extract_features.py"
+
+
+# Optional (features.stain_normalisation): the stain reference tiles are normalised to.
+rule stain_reference:
+    input:
+        unpack(stain_reference_inputs),
+    output:
+        reference=f"{OUT}/features/stain_reference.json",
+    log:
+        f"{OUT}/logs/stain_reference.log",
+    benchmark:
+        f"{OUT}/benchmarks/stain_reference.tsv"
+    conda:
+        "../../envs/features.yaml"
+    params:
+        stain_normalisation=STAIN_NORM,
+    script:
+        "../../scripts/stain_reference.py"
 
 
 # Every slide left out of training: excluded under on_bad_slide: skip (the stage and reason of the
