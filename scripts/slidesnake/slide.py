@@ -7,6 +7,7 @@ from the slide (or the sample sheet's ``mpp`` override), and where each value ca
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import struct
