@@ -172,8 +172,8 @@ def stain_reference_inputs(wildcards=None):
 
 
 def audit_sheet():
-    """The sheet columns the cohort audit (rule qc_table) reads, as records (a param: a relabelled
-    slide reruns the audit, not the tiling)."""
+    """The sheet columns the cohort audit (in qc_table) reads, as records; a param, so that a
+    relabelled slide reruns the audit, not the tiling."""
     cols = [c for c in ("slide_id", "patient_id", "label", "site") if c in samples.columns]
     return samples[cols].astype(str).to_dict("records")
 
