@@ -33,7 +33,7 @@ if upstream:  # excluded at tile or filter_tissue: pass the marker on, read noth
     raise SystemExit(0)
 
 # features/stain_reference.json when features.stain_normalisation is on (one file: a str; none: empty)
-stain_reference = sm.input.stain_reference
+stain_reference = getattr(sm.input, "stain_reference", [])
 stain_reference = stain_reference if isinstance(stain_reference, str) else next(iter(stain_reference), None)
 
 with one_line_errors(log, mode, "extract_features", exclude):
