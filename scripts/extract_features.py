@@ -13,6 +13,7 @@ from slidesnake import featserver
 from slidesnake.exclusion import excluded_of, log_excluded, mode_of
 from slidesnake.io import setup_logging
 from slidesnake.errors import one_line_errors
+from slidesnake.stainnorm import load_normaliser
 from slidesnake.store import write_excluded_store
 
 sm = snakemake  # noqa: F821
@@ -37,6 +38,10 @@ if upstream:  # excluded at tile or filter_tissue: pass the marker on, read noth
     exclude(upstream)
     raise SystemExit(0)
 
+# features/stain_reference.json when features.stain_normalisation is on (one file: a str; none: empty)
+stain_reference = getattr(sm.input, "stain_reference", [])
+stain_reference = stain_reference if isinstance(stain_reference, str) else next(iter(stain_reference), None)
+
 job = dict(
     slide=sm.input.slide, tiles=sm.input.tiles, out=sm.output.store, slide_id=slide_id, mode=mode,
     stage_dir=features_cfg.get("stage_dir"),
@@ -55,6 +60,9 @@ job = dict(
     backbone_options={**(getattr(sm.params, "backbone_options", None) or {}),
                       "weights_sha256": features_cfg.get("weights_sha256")},
     threads=sm.threads,
+    # optional stain normalisation (features.stain_normalisation, slidesnake.stainnorm)
+    tile_transform=load_normaliser(stain_reference),
+    reader=meta.get("reader", "auto"),
     extra_attrs={"mpp": meta["mpp"], "mpp_source": meta.get("mpp_source"),
                  "objective_power": meta["objective_power"],
                  "objective_source": meta.get("objective_source")},

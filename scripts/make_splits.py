@@ -21,7 +21,8 @@ if excluded:
     check_splittable(samples, list(sm.params.classes), int(sm.params.k), float(sm.params.test_fraction or 0),
                      after=f" after leaving out the {int(drop.sum())} slide(s) of {excluded}")
 splits = make_splits(samples, k=int(sm.params.k), seed=int(sm.params.seed), classes=list(sm.params.classes),
-                     test_fraction=float(getattr(sm.params, "test_fraction", 0) or 0))
+                     test_fraction=float(getattr(sm.params, "test_fraction", 0) or 0),
+                     site_preserved=bool(getattr(sm.params, "site_preserved", False)))
 write_table(splits, sm.output.splits)
 log.info("wrote %d folds of %d slides to %s", splits["fold"].nunique(), splits["slide_id"].nunique(),
          sm.output.splits)

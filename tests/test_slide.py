@@ -113,7 +113,8 @@ def test_unreadable_pixels_fail_with_one_line():
 
 def test_format_openslide_cannot_read_says_so():
     path = shared_slide("real/ome-tiff/OS-1-detail.ome.tif")
-    slide = open_slide(path, "ome")  # PIL's fallback opens it ...
+    # (auto reads it with tiffslide, tests/test_readers.py); forced onto PIL, PIL opens it ...
+    slide = open_slide(path, "ome", reader="image")
     with pytest.raises(SlideError, match="not a whole-slide format OpenSlide reads.*convert it"):
         check_readable(slide, "ome", path)  # ... but cannot decode it
 

@@ -34,7 +34,8 @@ EXCLUDED_COLUMNS = ["slide_id", "patient_id", "path", "stage", "reason", "fix"]
 _GRID_DTYPES = {"tile_id": "int64", "magnification": "float64", "dz_tile_size": "int32", "dz_level": "int32",
                 "col": "int32", "row": "int32", "x": "int64", "y": "int64", "w": "int64", "h": "int64"}
 _TISSUE_DTYPES = {"edge_score": "float32", "tissue_fraction": "float32", "background_fraction": "float32",
-                  "ink_fraction": "float32", "tissue": "bool", "artefact": "bool", "keep": "bool"}
+                  "ink_fraction": "float32", "focus_score": "float32", "tissue": "bool", "artefact": "bool",
+                  "blurred": "bool", "keep": "bool"}
 NO_TISSUE_FIX = ("check its QC thumbnail (results/qc/<slide>/thumbnail.png); if tissue was missed, "
                  "lower tissue.edge_threshold or tissue.otsu.min_coverage")
 

@@ -80,8 +80,12 @@ class TileDataset(Dataset):
     """
 
     def __init__(self, slide_path: str | os.PathLike, tiles: pd.DataFrame, tile_size: int,
-                 overlap: int = 0, limit_bounds: bool = True, threads: int = 1, slide_id: str | None = None):
-        self.reader = TileReader(slide_path, int(tile_size), int(overlap), bool(limit_bounds), slide_id=slide_id)
+                 overlap: int = 0, limit_bounds: bool = True, threads: int = 1, slide_id: str | None = None,
+                 transform=None, reader: str = "auto"):
+        self.reader = TileReader(slide_path, int(tile_size), int(overlap), bool(limit_bounds), slide_id=slide_id,
+                                 reader=reader)
+        # optional uint8 (S, S, 3) -> (S, S, 3) on each tile, e.g. stain normalisation (slidesnake.stainnorm)
+        self.transform = transform
         self._address = tiles[["dz_tile_size", "dz_level", "col", "row"]].to_numpy(np.int64)
         # native side of every tile (the DeepZoom overlap scales with dz_tile_size / tile_size)
         native = {int(d): self.reader.native_size(int(d)) for d in np.unique(self._address[:, 0])}
@@ -100,7 +104,7 @@ class TileDataset(Dataset):
         side = out.shape[0]
         if tile.size != (side, side):
             tile = tile.resize((side, side), Image.BILINEAR)
-        out[...] = np.asarray(tile)
+        out[...] = self.transform(np.asarray(tile)) if self.transform is not None else np.asarray(tile)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         side = int(self.sizes[i])
@@ -339,6 +343,8 @@ def extract_slide(
     channels_last: bool = True,
     extra_attrs: Mapping | None = None,
     backbone_options: Mapping | None = None,
+    tile_transform=None,
+    reader: str = "auto",
 ) -> dict:
     """Extract features of the kept tiles of one slide into the store ``out_path``.
 
@@ -348,8 +354,10 @@ def extract_slide(
     runs the backbone through ``torch.compile``. ``precision`` ("auto": bf16 autocast on CUDA,
     float32 on CPU) can force the CUDA branch on CPU; ``channels_last`` (the default on every
     device) can be turned off. ``backbone_options`` are create_backbone's keyword options
-    (backbone_kwargs, mean, std, pooling, strip_prefix, weights_sha256). Returns a summary (tiles
-    per magnification, seconds, tiles/s, device, precision, batch size, workers).
+    (backbone_kwargs, mean, std, pooling, strip_prefix, weights_sha256). ``tile_transform`` (e.g. a
+    :class:`slidesnake.stainnorm.TileNormaliser`) is applied to every tile before the backbone and its
+    ``provenance()`` is stored as the attribute ``stain_normalisation`` (``"none"`` without one).
+    Returns a summary (tiles per magnification, seconds, tiles/s, device, precision, batch size, workers).
     """
     cpus = min(int(threads), available_cpus()) if threads else available_cpus()
     if threads:
@@ -372,6 +380,7 @@ def extract_slide(
         "feature_dtype": feature_dtype, "tile_size": int(tile_size), "overlap": int(overlap),
         "limit_bounds": bool(limit_bounds), "device": str(dev),
         "slidesnake_version": slidesnake.__version__,
+        "stain_normalisation": tile_transform.provenance() if tile_transform is not None else "none",
     }
     log.info("%s: %d kept tiles of %d (%s), backbone %s (%s), device %s, %s%s%s, batch %d, "
              "%d workers, %d torch threads",
@@ -384,7 +393,7 @@ def extract_slide(
 
     # Without workers, the main process decodes each batch with all its CPUs (between batches).
     dataset = TileDataset(slide_path, kept, tile_size, overlap, limit_bounds,
-                          threads=1 if workers else cpus, slide_id=slide_id)
+                          threads=1 if workers else cpus, slide_id=slide_id, transform=tile_transform, reader=reader)
     progress = Progress(slide_id, total, unit="tiles", logger=log)
     with StoreWriter(out_path, attrs, n_tiles, bb.feature_dim, feature_dtype, CHUNK_ROWS) as writer:
         for m in mags:

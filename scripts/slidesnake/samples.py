@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 REQUIRED = ["slide_id", "patient_id", "label", "path"]
-_STR_COLUMNS = {c: str for c in REQUIRED + ["stain"]}
+_STR_COLUMNS = {c: str for c in REQUIRED + ["stain", "site"]}
 
 
 class SampleSheetError(ValueError):

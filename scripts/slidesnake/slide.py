@@ -7,6 +7,7 @@ from the slide (or the sample sheet's ``mpp`` override), and where each value ca
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import struct
@@ -18,6 +19,8 @@ import openslide
 
 from slidesnake.errors import SlideError, one_line_errors  # noqa: F401  (one_line_errors: imported from here by scripts)
 
+_log = logging.getLogger(__name__)
+
 # 10 / MPP is the conventional magnification of a pixel size (0.25 um/px ~ 40x, 0.5 um/px ~ 20x).
 MPP_AT_1X = 10.0
 # Plausible range of a slide's level-0 pixel size in microns; values outside are metadata junk
@@ -25,25 +28,36 @@ MPP_AT_1X = 10.0
 MPP_RANGE = (0.05, 20.0)
 
 
-def open_slide(path: str | os.PathLike, slide_id: str) -> openslide.AbstractSlide:
-    """Open a slide with OpenSlide (falling back to PIL for plain images), with clear errors."""
+def open_slide(path: str | os.PathLike, slide_id: str, reader: str = "auto") -> openslide.AbstractSlide:
+    """Open a slide through the reader layer (:mod:`slidesnake.readers`: OpenSlide, then wsidicom for
+    DICOM-WSI, tiffslide for OME-TIFF and plain TIFF, PIL for plain images), with one-line errors.
+
+    ``path`` is a file, or a folder of DICOM-WSI instances. The reader used is
+    :func:`slidesnake.readers.reader_of` of the result; its warnings (e.g. a DICOM instance without
+    ImageType) are logged naming the slide.
+    """
+    from slidesnake.readers import ReaderError, open_any
+
     path = Path(path)
     if not path.exists():
         raise SlideError(slide_id, path, "file not found", "fix the 'path' column of the sample sheet")
-    if path.stat().st_size == 0:
+    if path.is_file() and path.stat().st_size == 0:
         raise SlideError(slide_id, path, "file is empty (0 bytes)", "re-copy the slide from its source")
     # A cut-off copy of a TIFF-based slide may still open (OpenSlide reads the header, or PIL reads
     # its first image) and fail only later, or be misread: say what is wrong before anything else.
-    if truncated := tiff_truncation(path):
+    if path.is_file() and (truncated := tiff_truncation(path)):
         raise SlideError(slide_id, path, f"file is truncated ({truncated})",
                          "re-copy the slide from its source (the copy is incomplete)")
     try:
-        return openslide.open_slide(str(path))
+        return open_any(path, reader, warn=lambda msg: _log.warning("slide %r (%s): %s", slide_id, path, msg))
+    except ReaderError as err:
+        raise SlideError(slide_id, path, err.problem, err.fix) from None
     except (openslide.OpenSlideError, OSError, ValueError) as err:
         msg = " ".join(str(err).split()) or type(err).__name__
         raise SlideError(
             slide_id, path, f"cannot be opened ({msg})",
-            "check that the file is a complete whole-slide image in a format OpenSlide reads",
+            "check that the file is a complete whole-slide image (OpenSlide formats, DICOM-WSI, OME-TIFF, "
+            "TIFF, PNG/JPEG)",
         ) from None
 
 
@@ -193,27 +207,37 @@ def resolve_resolution(
 ) -> Resolution:
     """Base MPP (x and y) and objective power of a slide, each with the source it came from.
 
-    MPP, first plausible of: the sheet's ``mpp`` override; ``openslide.mpp-x`` (and ``-y``); TIFF
+    MPP, first plausible of: the sheet's ``mpp`` override; ``openslide.mpp-x`` (and ``-y``); the
+    reader layer's DICOM PixelSpacing and OME ``PhysicalSizeX``/``Y`` (unit converted); TIFF
     resolution tags with their unit; vendor properties (``aperio.MPP``; Hamamatsu VMS
-    ``PhysicalWidth``/``PhysicalHeight`` over the level-0 size); derived from the objective power
-    (10 / objective). Objective power: ``openslide.objective-power``; ``aperio.AppMag``;
-    ``hamamatsu.SourceLens``; derived from the MPP (10 / MPP). The config defaults are used only
-    when the slide has neither (and no override). Implausible MPPs (outside ``MPP_RANGE``, e.g. a
-    72-dpi default resolution tag) are skipped.
+    ``PhysicalWidth``/``PhysicalHeight`` over the level-0 size; tiffslide's); derived from the
+    objective power (10 / objective). Objective power: ``openslide.objective-power``;
+    ``aperio.AppMag``; ``hamamatsu.SourceLens``; DICOM ObjectiveLensPower; OME NominalMagnification;
+    tiffslide's; derived from the MPP (10 / MPP). The config defaults are used only when the slide
+    has neither (and no override). Implausible MPPs (outside ``MPP_RANGE``, e.g. a 72-dpi default
+    resolution tag) are skipped.
     """
     override = float(mpp_override) if mpp_override and mpp_override > 0 else None
     mpp_candidates = [
         ("sample sheet mpp column", _pair(override, None)),
         ("openslide.mpp-x", _pair(_float(props, openslide.PROPERTY_NAME_MPP_X),
                                     _float(props, openslide.PROPERTY_NAME_MPP_Y))),
+        # reader layer (slidesnake.readers): DICOM PixelSpacing, OME PhysicalSizeX/Y with its unit
+        # (ahead of the TIFF tags an OME-TIFF also carries), tiffslide's vendor parsers
+        ("DICOM PixelSpacing (wsidicom)", _pair(_float(props, "dicom.mpp-x"), _float(props, "dicom.mpp-y"))),
+        ("OME PhysicalSizeX/Y", _pair(_float(props, "ome.mpp-x"), _float(props, "ome.mpp-y"))),
         ("tiff resolution tags", _tiff_mpp(props)),
         ("aperio.MPP", _pair(_float(props, "aperio.MPP"), None)),
         ("hamamatsu.PhysicalWidth/Height", _hamamatsu_mpp(props)),
+        ("tiffslide.mpp-x", _pair(_float(props, "tiffslide.mpp-x"), _float(props, "tiffslide.mpp-y"))),
     ]
     obj_candidates = [
         ("openslide.objective-power", _float(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)),
         ("aperio.AppMag", _float(props, "aperio.AppMag")),
         ("hamamatsu.SourceLens", _float(props, "hamamatsu.SourceLens")),
+        ("DICOM ObjectiveLensPower (wsidicom)", _float(props, "dicom.ObjectiveLensPower")),
+        ("OME Objective NominalMagnification", _float(props, "ome.NominalMagnification")),
+        ("tiffslide.objective-power", _float(props, "tiffslide.objective-power")),
     ]
     mpp = next(((s, v) for s, v in mpp_candidates if _plausible(v)), None)
     obj = next(((s, v) for s, v in obj_candidates if v), None)

@@ -65,7 +65,9 @@ def _groups(df: pd.DataFrame, n: int, seed: int) -> np.ndarray:
     """Group index (0..n-1) of every row: ``StratifiedGroupKFold`` test groups, patients kept whole."""
     sgkf = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=int(seed))
     group = np.full(len(df), -1, dtype=int)
-    for i, (_, idx) in enumerate(sgkf.split(np.zeros(len(df)), df["label"], df["patient_id"])):
+    # site-preserved folds group whole sites ("site" column, see make_splits); else patients
+    groups = df["site"] if "site" in df.columns else df["patient_id"]
+    for i, (_, idx) in enumerate(sgkf.split(np.zeros(len(df)), df["label"], groups)):
         group[idx] = i
     assert (group >= 0).all()
     return group
@@ -73,7 +75,7 @@ def _groups(df: pd.DataFrame, n: int, seed: int) -> np.ndarray:
 
 def make_splits(
     samples: pd.DataFrame, k: int = 5, seed: int = 0, classes: Sequence | None = None,
-    test_fraction: float = 0.0,
+    test_fraction: float = 0.0, site_preserved: bool = False,
 ) -> pd.DataFrame:
     """Assign every slide to train/val/test in each of ``k`` patient-level stratified folds.
 
@@ -81,7 +83,9 @@ def make_splits(
     not depend on the row order of ``samples``: rows are sorted by patient and slide first.
     ``classes`` (optional) restricts the allowed labels and requires each to be present.
     ``test_fraction`` > 0 holds out a fixed test set of about that fraction of the patients (see the
-    module docstring); it must be below 0.5.
+    module docstring); it must be below 0.5. ``site_preserved`` keeps every ``site`` (sheet column:
+    hospital, scanner, lab) whole in one partition of each fold, as slideflow's site-preserved
+    cross-validation does, so a model is always tested on sites it never trained on.
     """
     _require_columns(samples, SAMPLE_COLUMNS, "sample sheet")
     k = int(k)
@@ -98,6 +102,8 @@ def make_splits(
         lines = [i + 2 for i in np.flatnonzero(empty.to_numpy())[:5]]
         raise SplitError(f"empty slide_id/patient_id/label on sample sheet line(s) {lines}")
     df = df.astype(str)
+    if site_preserved:
+        df["site"] = _sites(samples)
     if classes is not None:
         validate_labels(df, classes)
     dup = df["slide_id"][df["slide_id"].duplicated()]
@@ -109,7 +115,8 @@ def make_splits(
     if mixed:
         log.warning("patients with slides of more than one label (kept together): %s", mixed[:10])
 
-    patients_per_class = df.groupby("label")["patient_id"].nunique()
+    unit = "site" if site_preserved else "patient_id"
+    patients_per_class = df.groupby("label")[unit].nunique()
     if classes is not None:
         patients_per_class = patients_per_class.reindex([str(c) for c in classes], fill_value=0)
     counts = ", ".join(f"{c}: {n}" for c, n in patients_per_class.items())
@@ -119,9 +126,11 @@ def make_splits(
     if len(small):
         what = f"a held-out test set and {k} folds" if held_out else f"{k} patient-level folds"
         raise SplitError(
-            f"cannot make {what}: class(es) {list(small.index)} have fewer than {needed} patients "
-            f"(patients per class: {counts}); lower `splits.k`"
-            f"{' or set splits.test_fraction: 0' if held_out else ''} or add patients"
+            f"cannot make {what}: class(es) {list(small.index)} have fewer than {needed} "
+            f"{'sites' if site_preserved else 'patients'} ({'sites' if site_preserved else 'patients'} per "
+            f"class: {counts}); lower `splits.k`"
+            f"{' or set splits.test_fraction: 0' if held_out else ''}"
+            f"{' or set splits.site_preserved: false' if site_preserved else ' or add patients'}"
         )
 
     df = df.sort_values(["patient_id", "slide_id"], kind="mergesort").reset_index(drop=True)
@@ -148,6 +157,24 @@ def make_splits(
             parts.append(f"{name} {int(counts.sum())} slides ({', '.join(f'{c}={n}' for c, n in counts.items())})")
         log.info("fold %d: %s", fold, "; ".join(parts))
     return out
+
+
+def _sites(samples: pd.DataFrame) -> pd.Series:
+    """The sheet's ``site`` column (for site-preserved folds): present, non-empty, one site per patient."""
+    if "site" not in samples.columns:
+        raise SplitError("splits.site_preserved needs a 'site' column in the sample sheet; add it or set "
+                         "splits.site_preserved: false")
+    site = samples["site"].reset_index(drop=True)
+    empty = site.isna() | (site.astype(str).str.strip() == "")
+    if empty.any():
+        lines = [i + 2 for i in np.flatnonzero(empty.to_numpy())[:5]]
+        raise SplitError(f"empty site on sample sheet line(s) {lines}; fill the 'site' column")
+    site = site.astype(str)
+    per_patient = pd.Series(site.to_numpy(), index=samples["patient_id"].astype(str)).groupby(level=0).nunique()
+    split = per_patient.index[per_patient > 1].tolist()
+    if split:
+        raise SplitError(f"patient(s) {split[:5]} have slides from more than one site; fix the 'site' column")
+    return site
 
 
 def check_splits(df: pd.DataFrame, complete: bool = True) -> None:

@@ -244,17 +244,31 @@ def add_parent_columns(grid: pd.DataFrame) -> pd.DataFrame:
 
 
 def slide_metadata(slide: openslide.AbstractSlide, slide_id: str, path: str, resolution: Resolution) -> dict:
-    p = slide.properties
+    from slidesnake.readers import PROPERTY_MODALITY, PROPERTY_SCANNER, reader_of, slide_properties
+
+    p = slide_properties(slide)
     return {
         "slide_id": slide_id,
         "path": str(path),
         "vendor": p.get(openslide.PROPERTY_NAME_VENDOR, type(slide).__name__),
+        "reader": reader_of(slide),
+        "scanner": p.get(PROPERTY_SCANNER) or _scanner(p),
+        "modality": p.get(PROPERTY_MODALITY),
         "dimensions": list(slide.dimensions),
         "level_count": slide.level_count,
         "level_dimensions": [list(d) for d in slide.level_dimensions],
         "level_downsamples": [float(d) for d in slide.level_downsamples],
         **resolution.to_dict(),
     }
+
+
+def _scanner(props) -> str | None:
+    """Scanner named in vendor properties OpenSlide exposes (Aperio ScanScope ID, Hamamatsu product, ...)."""
+    for key in ("aperio.ScanScope ID", "hamamatsu.Product", "leica.device-model", "philips.DICOM_MANUFACTURER",
+                "dicom.Manufacturer", "tiff.Make"):
+        if props.get(key):
+            return f"{props.get(openslide.PROPERTY_NAME_VENDOR, '')} {props[key]}".strip()
+    return None
 
 
 class TileReader:
@@ -265,13 +279,14 @@ class TileReader:
     last); those sides are padded with the slide's background colour, never stretched. With
     ``dz_tile_size != tile_size`` the DeepZoom overlap is scaled likewise (:func:`dz_overlap`).
 
-    Opens its OpenSlide handle lazily, so instances can be created in a parent process and used in
+    Opens its slide handle lazily (through :func:`slidesnake.slide.open_slide` with ``reader``), so instances can be created in a parent process and used in
     DataLoader or multiprocessing workers. Pixel-decoding errors are raised as one-line SlideErrors.
     """
 
     def __init__(self, path: str | os.PathLike, tile_size: int, overlap: int = 0, limit_bounds: bool = False,
-                 slide_id: str | None = None):
+                 slide_id: str | None = None, reader: str = "auto"):
         self.path, self.tile_size, self.overlap, self.limit_bounds = str(path), tile_size, overlap, limit_bounds
+        self.reader = reader or "auto"  # slide.json's "reader": the library that made the grid
         self.slide_id = slide_id or os.path.basename(self.path)
         self._slide = None
         self._dz: dict[int, DeepZoomGenerator] = {}
@@ -285,7 +300,9 @@ class TileReader:
 
     def _generator(self, dz_tile_size: int) -> DeepZoomGenerator:
         if self._slide is None:
-            self._slide = openslide.open_slide(self.path)
+            from slidesnake.slide import open_slide
+
+            self._slide = open_slide(self.path, self.slide_id, self.reader)
             self._bg = "#" + self._slide.properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR, "ffffff")
         if dz_tile_size not in self._dz:
             self._dz[dz_tile_size] = DeepZoomGenerator(
@@ -379,3 +396,52 @@ def export_tile(reader: TileReader, address, *, directory: str, fmt: str = "jpeg
     _, _, col, row = (int(a) for a in address)
     Image.fromarray(tile).save(os.path.join(directory, f"{col}_{row}.{fmt}"), format=fmt.upper(),
                                **({"quality": int(quality)} if fmt == "jpeg" else {}))
+
+
+def tile_slide(path: str | os.PathLike, slide_id: str, *, magnifications: list, tile_size: int, overlap: int = 0,
+               limit_bounds: bool = False, allow_upsample: bool = False, mpp: float | None = None,
+               default_mpp: float | None = None, default_objective: float | None = None,
+               reader: str = "auto", logger: logging.Logger = log) -> tuple[pd.DataFrame, dict]:
+    """Rule ``tile``: open a slide (reader layer), check it decodes, resolve its resolution and build
+    its DeepZoom grid. Returns ``(grid, meta)``, meta being ``slide.json`` (reader, MPP and its
+    source, per-magnification levels, warnings). Problems are one-line SlideErrors."""
+    from slidesnake.slide import check_readable, open_slide, resolve_resolution
+
+    slide = open_slide(path, slide_id, reader)
+    check_readable(slide, slide_id, path)
+    res = resolve_resolution(slide.properties, slide_id, path, mpp_override=mpp,
+                             default_mpp=default_mpp, default_objective=default_objective)
+    logger.info("%s: %s reader; mpp %.4f x %.4f (%s), objective %gx (%s)", slide_id, _reader_name(slide),
+                res.mpp, res.mpp_y, res.mpp_source, res.objective_power, res.objective_source)
+    warnings = []
+    if res.anisotropy > 0.02:
+        warnings.append(f"pixels are not square (mpp x {res.mpp:.4f}, y {res.mpp_y:.4f}): tiles are "
+                        f"{100 * res.anisotropy:.0f}% off square in microns")
+    if abs(10 / res.mpp - res.objective_power) > 0.25 * res.objective_power:
+        warnings.append(f"objective {res.objective_power:g}x ({res.objective_source}) disagrees with mpp "
+                        f"{res.mpp:.4f} (~{10 / res.mpp:.0f}x); magnifications follow the objective, "
+                        "pixel-size targets ('0.5um') the mpp")
+    grid, levels = build_grid(slide, res, magnifications, tile_size, overlap=overlap, limit_bounds=limit_bounds,
+                              allow_upsample=allow_upsample, slide_id=slide_id, path=str(path))
+    for mag, info in levels.items():
+        logger.info("%sx (%s): DeepZoom level %d (downsample %d), tile %d px -> %d px (%.1f um), %d tiles%s",
+                    mag, info["target"], info["dz_level"], info["dz_downsample"], info["dz_tile_size"],
+                    tile_size, info["tile_um"], info["n_tiles"], " UPSAMPLED" if info["upsampled"] else "")
+        if info["upsampled"]:
+            warnings.append(f"{info['target']} is above the slide's resolution: tiles are upsampled "
+                            f"{1 / info['downsample']:.2f}x")
+    for w in warnings:
+        logger.warning("%s: %s", slide_id, w)
+    from slidesnake.audit import content_hash
+
+    meta = {**slide_metadata(slide, slide_id, str(path), res), "tile_size": tile_size, "overlap": overlap,
+            "limit_bounds": limit_bounds, "magnifications": levels, "warnings": warnings,
+            "content_hash": content_hash(path)}
+    slide.close()
+    return grid, meta
+
+
+def _reader_name(slide) -> str:
+    from slidesnake.readers import reader_of
+
+    return reader_of(slide)

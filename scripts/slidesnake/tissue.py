@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass, field
 
 import cv2
@@ -27,14 +28,23 @@ import openslide
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from slidesnake.focus import focus_score
 from slidesnake.slide import pixel_errors
 from slidesnake.tiling import TileReader, mag_label, map_tiles
 
 log = logging.getLogger(__name__)
 
 METHODS = ("edge", "otsu")
-SCORE_COLUMNS = ["edge_score", "tissue_fraction", "background_fraction", "ink_fraction"]
-FLAG_COLUMNS = ["tissue", "artefact", "keep"]
+MODALITIES = ("brightfield", "fluorescence")
+#: Sheet ``stain`` values (lower case, any of these words) that mean a fluorescence image.
+FLUORESCENCE_STAINS = ("dapi", "hoechst", "fitc", "tritc", "cy2", "cy3", "cy5", "cy7", "gfp", "rfp", "if",
+                       "mif", "fluorescence", "fluorescent", "immunofluorescence", "opal", "af488", "af555",
+                       "af594", "af647", "alexa")
+#: An overview whose median brightest-channel value is below this is a dark-background
+#: (fluorescence) image: brightfield glass is bright (~240), even full-tissue fields stay above 150.
+FLUORESCENCE_MAX_MEDIAN = 80
+SCORE_COLUMNS = ["edge_score", "tissue_fraction", "background_fraction", "ink_fraction", "focus_score"]
+FLAG_COLUMNS = ["tissue", "artefact", "blurred", "keep"]
 
 # Pixel classes of artefact rejection, in OpenCV's 8-bit HSV (H in [0, 180), S and V in [0, 255]).
 # Measured on the real slides in ../shared (CMU-1 H&E, a TCGA frozen section, Ki67 and kidney IHC,
@@ -69,6 +79,16 @@ class OtsuParams:
     closing_um: float = 50.0       # diameter of the closing disk
     min_area_mm2: float = 0.01     # smaller tissue components are dropped
     max_hole_mm2: float = 0.01     # smaller holes are filled
+    # brightfield: a pixel is also tissue when its optical density (sum over RGB of -ln(I / 256))
+    # exceeds this (0: off); catches pale, unsaturated haematoxylin (IHC counterstain) that
+    # saturation misses
+    od_threshold: float = 0.5
+    # fluorescence: Otsu's threshold on the brightest channel (0-255) is clamped to this range
+    fluorescence_min_threshold: float = 20.0
+    fluorescence_max_threshold: float = 100.0
+    # fluorescence: closing disk diameter (um); larger than brightfield's, as a nuclear stain
+    # lights nuclei, not the stroma between them
+    fluorescence_closing_um: float = 150.0
 
 
 @dataclass(frozen=True)
@@ -79,14 +99,26 @@ class ArtefactParams:
 
 
 @dataclass(frozen=True)
+class BlurParams:
+    enabled: bool = True
+    min_focus: float = 0.15        # reject tissue tiles whose focus score (slidesnake.focus) is below
+
+
+@dataclass(frozen=True)
 class TissueParams:
     methods: tuple[str, ...] = ("edge", "otsu")
     combine: str = "any"
     edge_threshold: float = 15.0
     otsu: OtsuParams = field(default_factory=OtsuParams)
     artefacts: ArtefactParams = field(default_factory=ArtefactParams)
+    blur: BlurParams = field(default_factory=BlurParams)
+    # brightfield, fluorescence, or auto (the sheet's stain, the slide's metadata, else the image:
+    # see resolve_modality)
+    modality: str = "auto"
 
     def __post_init__(self):
+        if self.modality not in MODALITIES + ("auto",):
+            raise ValueError(f"tissue.modality must be auto or one of {MODALITIES}, got {self.modality!r}")
         unknown = set(self.methods) - set(METHODS)
         if unknown or not self.methods:
             raise ValueError(f"tissue.methods must be a non-empty subset of {METHODS}, got {list(self.methods)}")
@@ -102,6 +134,8 @@ class TissueParams:
             edge_threshold=float(cfg.get("edge_threshold", cls.edge_threshold)),
             otsu=OtsuParams(**(cfg.get("otsu") or {})),
             artefacts=ArtefactParams(**(cfg.get("artefacts") or {})),
+            blur=BlurParams(**(cfg.get("blur") or {})),
+            modality=cfg.get("modality", cls.modality),
         )
 
     def to_dict(self) -> dict:
@@ -145,12 +179,14 @@ def artefact_fractions(tile: np.ndarray) -> tuple[float, float]:
     return float(background.mean()), float(ink.mean())
 
 
-def score_tile(reader: TileReader, address, *, edge: bool = True, artefacts: bool = True) -> tuple:
-    """``(edge_score, background_fraction, ink_fraction)`` of one tile (NaN where not asked)."""
+def score_tile(reader: TileReader, address, *, edge: bool = True, artefacts: bool = True,
+               focus: bool = False) -> tuple:
+    """``(edge_score, background_fraction, ink_fraction, focus_score)`` of one tile (NaN where not
+    asked)."""
     tile = reader.read(*address)
     e = edge_density(tile) if edge else math.nan
     bg, ink = artefact_fractions(tile) if artefacts else (math.nan, math.nan)
-    return e, bg, ink
+    return e, bg, ink, focus_score(tile) if focus else math.nan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,9 +253,10 @@ class TissueMask:
     mask: np.ndarray
     sx: float
     sy: float
-    threshold: float   # saturation threshold used (Otsu's, clamped)
+    threshold: float   # threshold used (Otsu's, clamped): saturation, or brightness (fluorescence)
     otsu: float        # Otsu's own threshold
     mpp: float         # level-0 microns per pixel of the slide
+    modality: str = "brightfield"
 
     @property
     def area_mm2(self) -> float:
@@ -266,20 +303,65 @@ def _fill_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
     return mask | fill[labels]
 
 
-def tissue_mask(overview: Overview, mpp: float, params: OtsuParams = OtsuParams()) -> TissueMask:
-    """Otsu tissue mask of an overview: HSV saturation, median blur, Otsu threshold (clamped to
-    ``[min_threshold, max_threshold]``), closing, small objects dropped, small holes filled."""
-    sat = cv2.cvtColor(overview.rgb, cv2.COLOR_RGB2HSV)[..., 1]
-    sat = cv2.medianBlur(sat, 5) if min(sat.shape) >= 5 else sat
-    otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    threshold = float(np.clip(otsu, params.min_threshold, params.max_threshold))
-    mask = sat > threshold
+def tissue_mask(overview: Overview, mpp: float, params: OtsuParams = OtsuParams(),
+                modality: str = "brightfield") -> TissueMask:
+    """Tissue mask of an overview, then closing, small objects dropped, small holes filled.
+
+    Brightfield: Otsu threshold of the median-blurred HSV saturation (clamped to
+    ``[min_threshold, max_threshold]``), or optical density above ``od_threshold`` (pale,
+    unsaturated counterstain). Fluorescence (dark background): Otsu threshold of the brightest
+    channel (clamped to ``[fluorescence_min_threshold, fluorescence_max_threshold]``): the mask is
+    where the tissue glows, the inverse of brightfield's dark-on-bright.
+    """
+    if modality == "fluorescence":
+        signal = overview.rgb.max(axis=2)
+        signal = cv2.medianBlur(signal, 3) if min(signal.shape) >= 3 else signal
+        otsu, _ = cv2.threshold(signal, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        threshold = float(np.clip(otsu, params.fluorescence_min_threshold, params.fluorescence_max_threshold))
+        mask = signal > threshold
+    else:
+        sat = cv2.cvtColor(overview.rgb, cv2.COLOR_RGB2HSV)[..., 1]
+        sat = cv2.medianBlur(sat, 5) if min(sat.shape) >= 5 else sat
+        otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        threshold = float(np.clip(otsu, params.min_threshold, params.max_threshold))
+        mask = sat > threshold
+        if params.od_threshold > 0:
+            rgb = cv2.medianBlur(overview.rgb, 5) if min(overview.rgb.shape[:2]) >= 5 else overview.rgb
+            od = -np.log((rgb.astype(np.float32) + 1) / 256).sum(axis=2)
+            mask |= od > params.od_threshold
     um = math.sqrt(overview.sx * overview.sy) * mpp  # microns per mask pixel
-    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, _disk(params.closing_um / um)).astype(bool)
+    closing = params.fluorescence_closing_um if modality == "fluorescence" else params.closing_um
+    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, _disk(closing / um)).astype(bool)
     px_per_mm2 = 1e6 / um ** 2
     mask = _drop_small(mask, params.min_area_mm2 * px_per_mm2)
     mask = _fill_holes(mask, params.max_hole_mm2 * px_per_mm2)
-    return TissueMask(mask, overview.sx, overview.sy, threshold, float(otsu), mpp)
+    return TissueMask(mask, overview.sx, overview.sy, threshold, float(otsu), mpp, modality)
+
+
+def looks_fluorescent(rgb: np.ndarray) -> bool:
+    """Whether an overview has a dark background (fluorescence), from its median brightest channel."""
+    return bool(np.median(rgb.max(axis=2)) < FLUORESCENCE_MAX_MEDIAN)
+
+
+def stain_modality(stain) -> str | None:
+    """``fluorescence`` when a sheet ``stain`` names a fluorophore / IF (e.g. DAPI, FITC, "mIF"),
+    ``brightfield`` for other non-empty stains (HE, IHC, Ki67, ...), None when empty."""
+    if stain is None or (isinstance(stain, float) and math.isnan(stain)) or not str(stain).strip():
+        return None
+    words = set(re.split(r"[^a-z0-9]+", str(stain).lower()))
+    return "fluorescence" if words & set(FLUORESCENCE_STAINS) else "brightfield"
+
+
+def resolve_modality(setting: str, stain, slide_modality: str | None, rgb: np.ndarray) -> tuple[str, str]:
+    """``(modality, source)``: config ``tissue.modality`` unless auto; else the sheet's stain; else
+    the slide's metadata (DICOM illumination, OME acquisition mode); else the overview's background."""
+    if setting in MODALITIES:
+        return setting, "config tissue.modality"
+    if m := stain_modality(stain):
+        return m, f"sample sheet stain {str(stain)!r}"
+    if slide_modality in MODALITIES:
+        return slide_modality, "slide metadata"
+    return ("fluorescence" if looks_fluorescent(rgb) else "brightfield"), "image (background brightness)"
 
 
 def mask_geojson(mask: TissueMask, classification: dict = CLASSIFICATION) -> dict:
@@ -329,7 +411,7 @@ def mask_geojson(mask: TissueMask, classification: dict = CLASSIFICATION) -> dic
 
 
 def filter_tiles(grid: pd.DataFrame, reader: TileReader, params: TissueParams = TissueParams(), *,
-                 mask: TissueMask | None = None, threads: int = 1) -> pd.DataFrame:
+                 mask: TissueMask | None = None, threads: int = 1, modality: str | None = None) -> pd.DataFrame:
     """The grid plus per-tile scores and the ``tissue``, ``artefact`` and ``keep`` flags.
 
     Scores: ``edge_score``, ``tissue_fraction`` (mask coverage), ``background_fraction`` and
@@ -340,6 +422,9 @@ def filter_tiles(grid: pd.DataFrame, reader: TileReader, params: TissueParams = 
     out = grid.copy()
     n = len(out)
     use_edge, use_otsu, art = "edge" in params.methods, "otsu" in params.methods, params.artefacts
+    modality = modality or (mask.modality if mask is not None else "brightfield")
+    if modality == "fluorescence":  # dark background and no pen under fluorescence: no background/ink veto
+        art = ArtefactParams(**{**asdict(art), "enabled": False})
     if use_otsu and mask is None:
         raise ValueError("tissue method 'otsu' needs the slide's tissue mask")
     frac = mask.coverage(out) if use_otsu else np.full(n, np.nan, np.float32)
@@ -349,14 +434,16 @@ def filter_tiles(grid: pd.DataFrame, reader: TileReader, params: TissueParams = 
     # the mask is the only method. Otherwise edge needs every tile, artefacts every tissue tile.
     decided_out = (~otsu_ok if use_otsu and (params.combine == "all" or not use_edge)
                    else np.zeros(n, bool))
-    need_pixels = use_edge or art.enabled
+    blur = params.blur
+    need_pixels = use_edge or art.enabled or blur.enabled
     read = ~decided_out if need_pixels else np.zeros(n, bool)
-    scores = np.full((n, 3), np.nan, np.float32)
+    scores = np.full((n, 4), np.nan, np.float32)
     if read.any():
-        fn = functools.partial(score_tile, edge=use_edge, artefacts=art.enabled)
+        fn = functools.partial(score_tile, edge=use_edge, artefacts=art.enabled, focus=blur.enabled)
         scores[read] = np.asarray(map_tiles(fn, out[read], reader, threads, what="scored"), np.float32)
     out["edge_score"], out["tissue_fraction"] = scores[:, 0], frac
     out["background_fraction"], out["ink_fraction"] = scores[:, 1], scores[:, 2]
+    out["focus_score"] = scores[:, 3]
 
     votes = []
     if use_edge:
@@ -367,9 +454,14 @@ def filter_tiles(grid: pd.DataFrame, reader: TileReader, params: TissueParams = 
     artefact = np.zeros(n, bool)
     if art.enabled:
         artefact = read & ((scores[:, 1] > art.max_background) | (scores[:, 2] > art.max_ink))
+    # out of focus: a veto like pen ink; tiles without a score (too little tissue) are not judged
+    blurred = np.zeros(n, bool)
+    if blur.enabled:
+        blurred = read & (np.nan_to_num(scores[:, 3], nan=np.inf) < blur.min_focus)
     out["tissue"] = tissue
     out["artefact"] = tissue & artefact
-    out["keep"] = tissue & ~artefact
+    out["blurred"] = tissue & blurred & ~artefact
+    out["keep"] = tissue & ~artefact & ~blurred
     out.attrs["tiles_read"] = int(read.sum())
     return out
 
@@ -384,7 +476,8 @@ def slide_status(tiles: pd.DataFrame) -> str:
 def tile_counts(tiles: pd.DataFrame) -> dict[str, dict[str, int]]:
     """Per magnification: tiles before filtering, tissue, rejected as artefact, kept."""
     return {f"{m:g}": {"tiles": len(g), "tissue": int(g["tissue"].sum()),
-                       "artefact": int(g["artefact"].sum()), "kept": int(g["keep"].sum())}
+                       "artefact": int(g["artefact"].sum()),
+                       "blurred": int(g["blurred"].sum()) if "blurred" in g else 0, "kept": int(g["keep"].sum())}
             for m, g in tiles.groupby("magnification")}
 
 
@@ -393,6 +486,7 @@ def tile_counts(tiles: pd.DataFrame) -> dict[str, dict[str, int]]:
 
 
 KEPT_COLOUR, ARTEFACT_COLOUR, CONTOUR_COLOUR = (0, 170, 0), (230, 0, 200), (0, 90, 255)
+BLURRED_COLOUR = (255, 140, 0)
 
 
 def qc_thumbnail(thumb: Image.Image | openslide.AbstractSlide, tiles: pd.DataFrame, max_size: int = 1024, *,
@@ -424,7 +518,9 @@ def qc_thumbnail(thumb: Image.Image | openslide.AbstractSlide, tiles: pd.DataFra
         g = tiles[tiles["magnification"] == mag] if mag is not None else tiles[:0]
         overlay = Image.new("RGBA", thumb.size, (0, 0, 0, 0))
         draw = ImageDraw.Draw(overlay)
-        for sel, colour in ((g[g["keep"]], KEPT_COLOUR), (g[g["artefact"]], ARTEFACT_COLOUR)):
+        blurred = g[g["blurred"]] if "blurred" in g else g[:0]
+        for sel, colour in ((g[g["keep"]], KEPT_COLOUR), (g[g["artefact"]], ARTEFACT_COLOUR),
+                            (blurred, BLURRED_COLOUR)):
             boxes = sel[["x", "y", "w", "h"]].to_numpy(np.float64)
             outline = len(boxes) and boxes[0, 2] * sx >= 6  # outlines only where tiles are visible
             for x, y, w, h in boxes:
@@ -436,6 +532,7 @@ def qc_thumbnail(thumb: Image.Image | openslide.AbstractSlide, tiles: pd.DataFra
             fill=(0, 0, 0))
         panels.append(panel)
     legend = ((KEPT_COLOUR, "kept"), (ARTEFACT_COLOUR, "rejected: background / pen ink"),
+              (BLURRED_COLOUR, "rejected: out of focus"),
               (CONTOUR_COLOUR, "tissue mask contour"))
     measure = ImageDraw.Draw(thumb)
     widths = [30 + int(measure.textlength(text)) for _, text in legend]
@@ -461,10 +558,10 @@ def qc_summary(meta: dict, tiles: pd.DataFrame, params: TissueParams, mask: Tiss
     for key, info in sorted(meta.get("magnifications", {}).items(), key=lambda kv: float(kv[0])):
         mags[key] = {k: info[k] for k in ("target", "dz_level", "dz_downsample", "downsample", "tile_um",
                                           "upsampled", "n_partial_dropped") if k in info}
-        mags[key].update(counts.get(key, {"tiles": 0, "tissue": 0, "artefact": 0, "kept": 0}))
-    keys = ("slide_id", "path", "vendor", "dimensions", "level_count", "level_dimensions",
+        mags[key].update(counts.get(key, {"tiles": 0, "tissue": 0, "artefact": 0, "blurred": 0, "kept": 0}))
+    keys = ("slide_id", "path", "vendor", "reader", "scanner", "modality", "dimensions", "level_count", "level_dimensions",
             "level_downsamples", "mpp", "mpp_y", "mpp_source", "objective_power", "objective_source",
-            "tile_size", "overlap", "limit_bounds")
+            "tile_size", "overlap", "limit_bounds", "content_hash")
     return {
         **{k: meta[k] for k in keys if k in meta},
         "status": slide_status(tiles),
@@ -483,15 +580,17 @@ def qc_row(qc: dict) -> dict:
     w, h = (qc.get("dimensions") or [None, None])[:2]
     row = {
         "slide_id": qc["slide_id"], "status": qc["status"], "vendor": qc.get("vendor"),
+        "reader": qc.get("reader"), "scanner": qc.get("scanner"),
         "width": w, "height": h, "level_count": qc.get("level_count"),
         "mpp": qc.get("mpp"), "mpp_source": qc.get("mpp_source"),
         "objective_power": qc.get("objective_power"), "objective_source": qc.get("objective_source"),
+        "modality": qc.get("modality"),
         "tissue_area_mm2": (qc.get("mask") or {}).get("tissue_area_mm2"),
         "otsu_threshold": (qc.get("mask") or {}).get("threshold"),
     }
     for key, m in qc.get("magnifications", {}).items():
         label = mag_label(float(key))
-        for k in ("dz_level", "tile_um", "tiles", "artefact", "kept"):
+        for k in ("dz_level", "tile_um", "tiles", "artefact", "blurred", "kept"):
             row[f"{k}_{label}"] = m.get(k)
     return row
 
@@ -499,3 +598,65 @@ def qc_row(qc: dict) -> dict:
 def qc_table(records: list[dict]) -> pd.DataFrame:
     """The cohort QC table (``results/qc/slides.tsv``): one row per slide."""
     return pd.DataFrame([qc_row(r) for r in records])
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole step for one slide (rule filter_tissue)
+
+
+@dataclass
+class SlideQC:
+    """What rule ``filter_tissue`` writes for one slide."""
+
+    tiles: pd.DataFrame
+    thumbnail: Image.Image
+    geojson: dict
+    qc: dict
+
+
+def filter_slide(path: str, meta: dict, grid: pd.DataFrame, params: TissueParams, *, thumbnail_size: int = 1024,
+                 threads: int = 1, stain: str | None = None, logger: logging.Logger = log) -> SlideQC:
+    """Rule ``filter_tissue`` for one slide: tissue mask, per-tile scores and flags, QC thumbnail,
+    contours and the ``qc.json`` record. ``meta`` is the slide's ``slide.json`` (its ``reader``
+    opens the slide, so tiles come from the library that made the grid)."""
+    from slidesnake.slide import open_slide
+
+    slide_id, reader_name = meta["slide_id"], meta.get("reader", "auto")
+    slide = open_slide(path, slide_id, reader_name)
+    # The mask is always made (contours and tissue area are QC outputs); it decides tiles only
+    # when 'otsu' is one of the methods.
+    overview = read_overview(slide, params.otsu.mask_mpp / meta["mpp"], slide_id=slide_id, path=path)
+    modality, modality_source = resolve_modality(params.modality, stain, meta.get("modality"), overview.rgb)
+    logger.info("%s: %s (%s)", slide_id, modality, modality_source)
+    mask = tissue_mask(overview, meta["mpp"], params.otsu, modality)
+    logger.info("%s: tissue mask %dx%d px at %.1f um/px, Otsu threshold %.0f (used %.0f), tissue %.2f mm2",
+                slide_id, mask.mask.shape[1], mask.mask.shape[0], params.otsu.mask_mpp, mask.otsu,
+                mask.threshold, mask.area_mm2)
+    # QC thumbnail: from the mask's overview when that is fine enough, else read at its own size;
+    # the overview is dropped before tile-reading workers are forked.
+    ds = max(slide.dimensions) / thumbnail_size
+    if max(overview.rgb.shape[:2]) >= thumbnail_size:
+        w, h = max(1, round(slide.dimensions[0] / ds)), max(1, round(slide.dimensions[1] / ds))
+        thumb = Image.fromarray(cv2.resize(overview.rgb, (w, h), interpolation=cv2.INTER_AREA))
+    else:
+        thumb = Image.fromarray(read_overview(slide, ds, slide_id=slide_id, path=path).rgb)
+    # mean stain vectors for the cohort audit (brightfield; from the mask's overview, tissue only)
+    from slidesnake.audit import stain_vectors
+
+    stains = stain_vectors(overview.rgb[mask.mask]) if modality == "brightfield" and mask.mask.any() else None
+    del overview
+    dimensions = slide.dimensions
+    slide.close()
+
+    reader = TileReader(path, meta["tile_size"], meta["overlap"], meta["limit_bounds"], slide_id=slide_id,
+                        reader=reader_name)
+    tiles = filter_tiles(grid, reader, params, mask=mask, threads=threads)
+    qc = qc_summary(meta, tiles, params, mask)
+    qc["modality"], qc["modality_source"] = modality, modality_source
+    qc["stain_vectors"] = stains
+    for mag, c in qc["magnifications"].items():
+        logger.info("%sx: kept %d of %d tiles (%d tissue by %s (%s), %d of them rejected as artefacts, "
+                    "%d as out of focus)", mag, c["kept"], c["tiles"], c["tissue"], "+".join(params.methods),
+                    params.combine, c["artefact"], c["blurred"])
+    image = qc_thumbnail(thumb, tiles, thumbnail_size, slide_dimensions=dimensions, mask=mask)
+    return SlideQC(tiles, image, mask_geojson(mask), qc)

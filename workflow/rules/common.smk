@@ -109,6 +109,11 @@ _PATH = dict(zip(samples["slide_id"], samples["path"]))
 _MPP = {s: None if pd.isna(m) else float(m) for s, m in zip(samples["slide_id"], samples["mpp"])}
 _PATIENT = dict(zip(samples["slide_id"], samples["patient_id"]))
 _LABEL = dict(zip(samples["slide_id"], samples["label"]))
+# optional `stain` column: tells filter_tissue a fluorescence slide (tissue.modality: auto)
+_STAIN = {
+    s: (None if pd.isna(t) else str(t))
+    for s, t in zip(samples["slide_id"], samples.get("stain", [None] * len(samples)))
+}
 _PATIENT_SLIDES = {}
 for _s, _p in _PATIENT.items():
     _PATIENT_SLIDES.setdefault(_p, []).append(_s)
@@ -163,6 +168,46 @@ def slide_path(wildcards):
 
 def slide_mpp(wildcards):
     return _MPP[wildcards.slide]
+
+
+def slide_stain(wildcards):
+    return _STAIN.get(wildcards.slide)
+
+
+STAIN_NORM = config["features"]["stain_normalisation"]
+if (
+    STAIN_NORM["method"] != "none"
+    and STAIN_NORM["reference"] != "cohort"
+    and STAIN_NORM["reference"] not in _PATH
+):
+    raise ValueError(
+        f"config features.stain_normalisation.reference {STAIN_NORM['reference']!r} is neither 'cohort' nor a "
+        "slide_id of the sample sheet; fix it"
+    )
+if STAIN_NORM["method"] == "reinhard" and STAIN_NORM["reference"] == "cohort":
+    raise ValueError(
+        "config features.stain_normalisation: reinhard needs a reference slide (reference: <slide_id>); "
+        "'cohort' is for macenko"
+    )
+
+
+def stain_reference_path(wildcards=None):
+    """features/stain_reference.json when stain normalisation is on (an input of extract_features), else []."""
+    return [] if STAIN_NORM["method"] == "none" else [f"{OUT}/features/stain_reference.json"]
+
+
+def stain_reference_inputs(wildcards=None):
+    ref = STAIN_NORM["reference"]
+    if ref == "cohort":
+        return {"qc": expand(f"{OUT}/qc/{{slide}}/qc.json", slide=SLIDES)}
+    return {"meta": f"{OUT}/tiles/{ref}/slide.json", "slide": _PATH[ref]}
+
+
+def audit_sheet():
+    """The sheet columns the cohort audit (in qc_table) reads, as records; a param, so that a
+    relabelled slide reruns the audit, not the tiling."""
+    cols = [c for c in ("slide_id", "patient_id", "label", "site") if c in samples.columns]
+    return samples[cols].astype(str).to_dict("records")
 
 
 def feature_stores(wildcards=None):

@@ -7,6 +7,7 @@ rule extract_features:
         qc=rules.filter_tissue.output.qc,
         # the weights file(s) of features.weights: replacing them reruns extraction
         weights=weight_files,
+        stain_reference=stain_reference_path,
     output:
         store=directory(f"{OUT}/features/{BACKBONE}/{{slide}}.zarr"),
     log:
@@ -23,8 +24,27 @@ rule extract_features:
         weights=config["features"]["weights"],
         feature_dtype=config["features"]["feature_dtype"],
         backbone_options=BACKBONE_OPTIONS,
+        stain_normalisation=STAIN_NORM,
     script:
         "../../scripts/extract_features.py"
+
+
+# Optional (features.stain_normalisation): the stain reference tiles are normalised to.
+rule stain_reference:
+    input:
+        unpack(stain_reference_inputs),
+    output:
+        reference=f"{OUT}/features/stain_reference.json",
+    log:
+        f"{OUT}/logs/stain_reference.log",
+    benchmark:
+        f"{OUT}/benchmarks/stain_reference.tsv"
+    conda:
+        "../../envs/features.yaml"
+    params:
+        stain_normalisation=STAIN_NORM,
+    script:
+        "../../scripts/stain_reference.py"
 
 
 # Every slide left out of training: excluded under on_bad_slide: skip (the stage and reason of the

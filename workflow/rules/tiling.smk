@@ -19,6 +19,7 @@ rule tile:
         allow_upsample=config["tiling"]["allow_upsample"],
         default_mpp=config["tiling"]["default_mpp"],
         default_objective=config["tiling"]["default_objective"],
+        reader=config["tiling"]["reader"],
     script:
         "../../scripts/tile.py"
 
@@ -48,6 +49,7 @@ rule filter_tissue:
     # docs/design.md), so changing it does not rerun the filter, extraction and training after it.
     params:
         tissue={k: v for k, v in config["tissue"].items() if k != "thumbnail_size"},
+        stain=slide_stain,
     script:
         "../../scripts/filter_tissue.py"
 
@@ -61,12 +63,16 @@ rule qc_table:
             caption="../report/qc_table.rst",
             category="Tissue QC",
         ),
+        audit=f"{OUT}/qc/cohort.tsv",
+        html=report(f"{OUT}/qc/cohort.html", caption="../report/cohort_audit.rst", category="Tissue QC"),
     log:
         f"{OUT}/logs/qc_table.log",
     benchmark:
         f"{OUT}/benchmarks/qc_table.tsv"
     conda:
         "../../envs/tiling.yaml"
+    params:
+        sheet=audit_sheet(),
     script:
         "../../scripts/qc_table.py"
 

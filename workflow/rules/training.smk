@@ -17,6 +17,7 @@ rule make_splits:
         k=config["splits"]["k"],
         seed=config["splits"]["seed"],
         test_fraction=config["splits"]["test_fraction"],
+        site_preserved=config["splits"]["site_preserved"],
         classes=config["classes"],
     script:
         "../../scripts/make_splits.py"
