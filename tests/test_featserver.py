@@ -33,14 +33,21 @@ def job_files(tmp_path, cmu_small, tiles):  # noqa: F811
     return tmp_path
 
 
+# Run-shaping settings are read from the config by the job script (not rule params; docs/design.md).
+RUN_SETTINGS = {"batch_size": 8, "num_workers": 0, "device": "cpu", "compile": False}
+
+
+def _with_run_settings(config: dict) -> dict:
+    return {**config, "features": {**RUN_SETTINGS, **config.get("features", {})}}
+
+
 def _script(work: Path, slide: Path, name: str, config: dict, tiles_path: Path | None = None):
     sm = SimpleNamespace(
         input=SimpleNamespace(slide=str(slide), tiles=str(tiles_path or work / "tiles.parquet"),
                               meta=str(work / "slide.json"), qc=str(work / "qc.json")),
         output=SimpleNamespace(store=str(work / "out" / f"{name}.zarr")),
-        params=SimpleNamespace(backbone="resnet18_trunc", weights="none", batch_size=8, num_workers=0,
-                               device="cpu", feature_dtype="float32"),
-        log=[str(work / f"{name}.log")], threads=1, config=config)
+        params=SimpleNamespace(backbone="resnet18_trunc", weights="none", feature_dtype="float32"),
+        log=[str(work / f"{name}.log")], threads=1, config=_with_run_settings(config))
     runpy.run_path(str(REPO / "scripts" / "extract_features.py"), init_globals={"snakemake": sm})
     logging.getLogger().handlers.clear()
     return (work / f"{name}.log").read_text()
@@ -151,9 +158,9 @@ def test_concurrent_jobs_wait_in_line_for_one_server(job_files, cmu_small):
         a = {"input": {"slide": str(cmu_small), "tiles": str(work / "tiles.parquet"),
                        "meta": str(work / "slide.json"), "qc": str(work / "qc.json")},
              "output": {"store": str(work / "out" / f"C{i}.zarr")},
-             "params": {"backbone": "resnet18_trunc", "weights": "none", "batch_size": 8, "num_workers": 0,
-                        "device": "cpu", "feature_dtype": "float32"},
-             "log": str(work / f"C{i}.log"), "config": {"on_bad_slide": "fail", "features": {"shared_process": True}},
+             "params": {"backbone": "resnet18_trunc", "weights": "none", "feature_dtype": "float32"},
+             "log": str(work / f"C{i}.log"),
+             "config": _with_run_settings({"on_bad_slide": "fail", "features": {"shared_process": True}}),
              "script": str(REPO / "scripts" / "extract_features.py")}
         procs.append(subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(a)], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
