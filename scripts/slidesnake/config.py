@@ -89,6 +89,10 @@ def registered_names(kind: str) -> dict[str, str | None]:
     files = sorted((_PKG / "models").glob("*.py")) if kind == "model" else [_PKG / "backbones.py"]
     deco = "register_model" if kind == "model" else "register_backbone"
     out: dict[str, str | None] = {}
+    if kind == "backbone":  # the foundation-model presets (plain data, no torch)
+        from slidesnake.presets import PRESETS
+
+        out.update(dict.fromkeys(PRESETS))
     for f in files:
         for node in ast.walk(ast.parse(f.read_text(), str(f))):
             if not isinstance(node, (ast.ClassDef, ast.FunctionDef)):
@@ -176,7 +180,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, config: Mapping) -> "Config":
-        from slidesnake.tiling import parse_targets
+        from slidesnake.geometry import parse_targets
 
         try:
             tiled = [t.magnification for t in parse_targets(config["tiling"]["magnifications"])]

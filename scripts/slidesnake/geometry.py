@@ -1,4 +1,4 @@
-"""Magnification names and tile-box geometry: pure NumPy, no slide reader.
+"""Magnification names and targets, tile-box geometry: pure NumPy, no slide reader.
 
 Shared by tiling (which builds the grids), the feature store and the bags (which link tiles across
 magnifications), so the training environment needs no OpenSlide.
@@ -6,7 +6,13 @@ magnifications), so the training environment needs no OpenSlide.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import numpy as np
+
+# 10 / MPP is the conventional magnification of a pixel size (0.25 um/px ~ 40x, 0.5 um/px ~ 20x).
+MPP_AT_1X = 10.0
 
 
 def mag_label(magnification: float) -> str:
@@ -74,3 +80,58 @@ def _lattice_lookup(centre2: np.ndarray, coarse_xy: np.ndarray, coarse_wh: np.nd
     out = np.full(len(centre2), -1, np.int64)
     out[inside] = table[fr[inside], fc[inside]]
     return out
+
+
+@dataclass(frozen=True)
+class Target:
+    """One entry of ``tiling.magnifications``: a magnification (``20``, ``"20x"``) or a pixel size
+    (``"0.5um"``).
+
+    A magnification is relative to the slide's objective power; a pixel size is absolute (downsample
+    = target / slide MPP), so tiles have the same size in microns on every scanner. Either way the
+    grid, the feature store and ``training.magnification`` name it by ``magnification``, for a pixel
+    size its nominal magnification 10 / mpp (0.5 um/px -> 20x).
+    """
+
+    magnification: float
+    mpp: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.mpp:g}um" if self.mpp else f"{self.magnification:g}x"
+
+    def downsample(self, resolution) -> float:
+        """Level-0 pixels per output pixel on a slide of ``resolution`` (a slidesnake.slide.Resolution)."""
+        if self.mpp:
+            return self.mpp / resolution.mpp
+        return resolution.objective_power / self.magnification
+
+
+_TARGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(x|X|um|µm|μm)\s*$")
+
+
+def parse_target(entry) -> Target:
+    """``20``, ``"20x"`` -> 20x; ``"0.5um"`` (or ``"0.5 µm"``) -> 0.5 um/px, labelled 20x."""
+    if isinstance(entry, Target):
+        return entry
+    if isinstance(entry, (int, float)) and not isinstance(entry, bool) and entry > 0:
+        return Target(float(entry))
+    m = _TARGET.match(str(entry))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"tiling.magnifications entry {entry!r} is neither a magnification "
+                         "(20 or '20x') nor a pixel size in microns ('0.5um')")
+    value = float(m.group(1))
+    return Target(value) if m.group(2) in "xX" else Target(MPP_AT_1X / value, mpp=value)
+
+
+def parse_targets(entries) -> list[Target]:
+    """Parse ``tiling.magnifications``; two entries naming the same magnification are an error."""
+    targets = [parse_target(e) for e in entries]
+    seen: dict[str, Target] = {}
+    for t in targets:
+        key = f"{t.magnification:g}"
+        if key in seen:
+            raise ValueError(f"tiling.magnifications: {seen[key].name} and {t.name} both name "
+                             f"magnification {key}x; keep one")
+        seen[key] = t
+    return targets

@@ -18,11 +18,10 @@ from typing import Iterator
 import openslide
 
 from slidesnake.errors import SlideError, one_line_errors  # noqa: F401  (one_line_errors: imported from here by scripts)
+from slidesnake.geometry import MPP_AT_1X  # noqa: F401  (also imported from here)
 
 _log = logging.getLogger(__name__)
 
-# 10 / MPP is the conventional magnification of a pixel size (0.25 um/px ~ 40x, 0.5 um/px ~ 20x).
-MPP_AT_1X = 10.0
 # Plausible range of a slide's level-0 pixel size in microns; values outside are metadata junk
 # (e.g. a 72-dpi default resolution tag).
 MPP_RANGE = (0.05, 20.0)
