@@ -1,10 +1,8 @@
 """Snakemake script of rule `excluded_table`: every slide left out of training -> results/qc/excluded.tsv."""
 
-from slidesnake.bagkinds import bag_kind
 from slidesnake.bags import stores_by_slide
 from slidesnake.exclusion import excluded_table, mode_of
 from slidesnake.io import setup_logging, write_table
-from slidesnake.models import get_model_class
 from slidesnake.samples import read_sheet
 from slidesnake.store import open_store
 
@@ -13,9 +11,8 @@ log = setup_logging(sm.log[0])
 samples = read_sheet(sm.input.samples)
 # every store checked against its integrity manifest: damaged -> one error, or excluded under skip
 stores = {sid: open_store(path, on_bad_slide=mode_of(sm.config)) for sid, path in stores_by_slide(sm.input.stores).items()}
-# the magnifications the model reads: all of training.magnifications for multiscale models
-kind = bag_kind(get_model_class(sm.params.model).bag_type)
-mags = kind.read_magnifications(sm.params.magnification, sm.params.magnifications)
+# the magnifications the model reads (common.smk: all of training.magnifications for multiscale models)
+mags = [float(m) for m in sm.params.read_magnifications]
 table = excluded_table(samples, stores, mags)
 write_table(table, sm.output.table)
 log.info("%d of %d slides excluded", len(table), len(samples))

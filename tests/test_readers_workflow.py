@@ -42,6 +42,7 @@ def test_every_format_through_the_workflow(tmp_path):
     write_config(tmp_path, tiling={"magnifications": [10], "tile_size": 224})
     cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
     cfg["on_bad_slide"] = "skip"  # the 16 px DICOM has no full tile at 10x: excluded, the rest go on
+    cfg["training"]["magnification"] = 10  # a tiled one (checked while the workflow is parsed)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     snakemake(tmp_path, "--cores", "2", "results/qc/slides.tsv")
     res = tmp_path / "results"

@@ -179,5 +179,5 @@ def test_tune_rule_is_a_target(tmp_path):
         return counts
 
     # (the default target's jobs, without tune, are asserted by test_workflow's dry run)
-    assert dry("results/tuning/da_mil/best_params.yaml") == {"make_splits": 1, "tile": 6, "filter_tissue": 6,
+    assert dry("results/tuning/da_mil/best_params.yaml") == {"excluded_table": 1, "make_splits": 1, "tile": 6, "filter_tissue": 6,
                                                                "extract_features": 6, "tune": 1}

@@ -267,3 +267,15 @@ def load_config(config: Mapping, schema_path: str | os.PathLike, samples: pd.Dat
     cfg = Config.from_dict(config)
     check_config(cfg, samples)
     return cfg
+
+
+def check_coupling_model(model_name: str) -> None:
+    """One line refusing a model without an instance-level score (not a flat-bag model). Reads the
+    model registry from the package source (slidesnake.config.registered_names): no torch import
+    while the workflow is parsed; an unknown name is left to slidesnake.config's check."""
+    bag_type = registered_names("model").get(model_name)
+    if bag_type not in (None, "flat"):
+        raise ValueError(
+            f"training.coupling.rounds > 0 needs a flat-bag model with an instance-level score "
+            f"(single_instance_logits: abmil, clam, transmil, da_mil); {model_name!r} reads {bag_type!r} "
+            "bags, where a tile alone is no bag it can score; set training.coupling.rounds: 0 or another model")

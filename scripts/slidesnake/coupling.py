@@ -94,15 +94,10 @@ class CouplingSettings:
 
 
 def check_model(model_name: str) -> None:
-    """One line refusing a model without an instance-level score (not a flat-bag model)."""
-    from slidesnake.models import get_model_class
+    """One line refusing a model without an instance-level score (slidesnake.config.check_coupling_model)."""
+    from slidesnake.config import check_coupling_model
 
-    cls = get_model_class(model_name)
-    if cls.bag_type != "flat":
-        raise ValueError(
-            f"training.coupling.rounds > 0 needs a flat-bag model with an instance-level score "
-            f"(single_instance_logits: abmil, clam, transmil, da_mil); {model_name!r} reads {cls.bag_type!r} "
-            "bags, where a tile alone is no bag it can score; set training.coupling.rounds: 0 or another model")
+    check_coupling_model(model_name)
 
 
 # --------------------------------------------------------------------------------- instance head

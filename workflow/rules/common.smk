@@ -6,8 +6,7 @@ from snakemake.utils import validate
 
 # The package lives beside the rule scripts; importable without installation.
 sys.path.insert(0, os.path.join(workflow.basedir, "..", "scripts"))
-from slidesnake.coupling import check_model as check_coupling_model
-from slidesnake.config import load_config, validate_schema
+from slidesnake.config import check_coupling_model, load_config, registered_names, validate_schema
 from slidesnake.io import sha256_file
 from slidesnake.predict import fold_checkpoints
 from slidesnake.presets import PRESETS, backbone_dirname, check_backbone_name
@@ -39,6 +38,8 @@ if _moved:
 # print the whole schema after it); then Snakemake's validate fills in the schema's defaults.
 validate_schema(config, os.path.join(workflow.basedir, "schemas", "config.schema.yaml"))
 validate(config, schema="../schemas/config.schema.yaml")
+if config["training"]["coupling"]["rounds"]:  # before the other checks: the one line that applies
+    check_coupling_model(config["training"]["model"])
 
 # A killed run leaves Snakemake's lock behind, and the next run stops with a LockException: say
 # what to do in one line (docs/reliability.md). Only the main process (not a cluster job) says it.
@@ -63,12 +64,12 @@ check_sheet(
 validate(samples, schema="../schemas/samples.schema.yaml")
 # Typed config sections and the cross-field checks (registries, magnifications, k against the
 # patients of each class): mistakes stop here, before any job, in one line (slidesnake.config).
-# The sheet-against-k checks are left out only when every target is a per-slide output (tiles,
-# tissue, features): such targets work with any sheet.
+# The sheet-against-k checks are left out only when every target is a per-slide or QC output (tiles,
+# tissue, features, qc): such targets work with any sheet.
 # (Snakemake sets its targets after parsing: the command line is read here.)
 _ARGS = [a for a in sys.argv[1:] if not a.startswith("-")]
 _PER_SLIDE_ONLY = any(
-    d in a.split(os.sep)[:-1] for a in _ARGS for d in ("tiles", "tissue", "features")
+    d in a.split(os.sep)[:-1] for a in _ARGS for d in ("tiles", "tissue", "features", "qc")
 ) and not any(a in ("all", "predict") or a.endswith(("splits.csv", "summary.csv", "model.pt")) for a in _ARGS)
 CFG = load_config(
     config,
@@ -95,6 +96,14 @@ FOLDS = list(range(config["splits"]["k"]))
 TILE_MAGNIFICATIONS = CFG.tile_magnifications
 # Magnifications read by multiscale models (bag_type "multiscale"): default every tiled one.
 TRAIN_MAGNIFICATIONS = config["training"]["magnifications"] or TILE_MAGNIFICATIONS
+# The magnifications whose tiles the model reads (a slide without a tile there is excluded): the
+# param of excluded_table, so that switching between models that read the same magnifications
+# reruns neither it nor make_splits (whose folds leave the excluded slides out).
+READ_MAGNIFICATIONS = (
+    [float(m) for m in TRAIN_MAGNIFICATIONS]
+    if registered_names("model").get(MODEL) == "multiscale"
+    else [float(config["training"]["magnification"])]
+)
 
 
 wildcard_constraints:
@@ -328,8 +337,6 @@ def predict_patient_stores(wildcards):
 COUPLING = config["training"]["coupling"]
 ROUNDS = COUPLING["rounds"]
 COUPLING_DIR = f"{OUT}/coupling/{MODEL}"
-if ROUNDS:
-    check_coupling_model(MODEL)
 
 
 # Every coupling setting but `rounds` is a param of the round jobs (rules/coupling.smk).

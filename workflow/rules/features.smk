@@ -62,8 +62,6 @@ rule excluded_table:
     conda:
         "../../envs/training.yaml"
     params:
-        model=MODEL,
-        magnification=config["training"]["magnification"],
-        magnifications=TRAIN_MAGNIFICATIONS,
+        read_magnifications=READ_MAGNIFICATIONS,
     script:
         "../../scripts/excluded_table.py"
