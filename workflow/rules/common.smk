@@ -65,12 +65,16 @@ validate(samples, schema="../schemas/samples.schema.yaml")
 # Typed config sections and the cross-field checks (registries, magnifications, k against the
 # patients of each class): mistakes stop here, before any job, in one line (slidesnake.config).
 # The sheet-against-k checks are left out only when every target is a per-slide or QC output (tiles,
-# tissue, features, qc): such targets work with any sheet.
-# (Snakemake sets its targets after parsing: the command line is read here.)
+# tissue, features, qc), and under --lint (which checks the workflow, not a cohort): such targets
+# work with any sheet. (Snakemake sets its targets after parsing: the command line is read here.)
 _ARGS = [a for a in sys.argv[1:] if not a.startswith("-")]
-_PER_SLIDE_ONLY = any(
-    d in a.split(os.sep)[:-1] for a in _ARGS for d in ("tiles", "tissue", "features", "qc")
-) and not any(a in ("all", "predict") or a.endswith(("splits.csv", "summary.csv", "model.pt")) for a in _ARGS)
+_PER_SLIDE_ONLY = (
+    "--lint" in sys.argv
+    or any(d in a.split(os.sep)[:-1] for a in _ARGS for d in ("tiles", "tissue", "features", "qc"))
+    and not any(
+        a in ("all", "predict") or a.endswith(("splits.csv", "summary.csv", "model.pt")) for a in _ARGS
+    )
+)
 CFG = load_config(
     config,
     os.path.join(workflow.basedir, "schemas", "config.schema.yaml"),
