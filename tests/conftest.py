@@ -17,6 +17,18 @@ def shared_slide(rel: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module (``pytestmark = pytest.mark.usefixtures(...)``): its
+    tensors are tiny, the machine has two cores and may be shared; restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def cmu_small() -> Path:
     return shared_slide("real/aperio/CMU-1-Small-Region.svs")

@@ -49,3 +49,17 @@ def test_snakemake_lint_is_clean(tmp_path):
     proc = snakemake(tmp_path, "--lint")
     out = proc.stdout + proc.stderr
     assert "Congratulations, your workflow is in a good condition!" in out, out[-4000:]
+
+
+def test_cohort_wide_inputs_are_functions():
+    """A rule's input over every slide is an input function (``cohort_files`` in common.smk), never a
+    list: Snakemake looks a list input up once per file it holds, hashing the whole list each time,
+    when the rule also names another rule's output. That made planning quadratic in the cohort
+    (run_summary alone: 2.9 s at 2,000 slides, 0.3 s as a function; docs/benchmarks.md)."""
+    offenders = []
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        for block in re.findall(r"^    input:\n((?:        .*\n|\n)+)", smk.read_text(), flags=re.M):
+            for line in block.splitlines():
+                if re.match(r"\s*\w+=expand\(.*\bslide=(SLIDES|PREDICT_SLIDES)\b", line):
+                    offenders.append(f"{smk.name}: {line.strip()}")
+    assert not offenders, "cohort-wide list inputs (use cohort_files(...)):\n" + "\n".join(offenders)

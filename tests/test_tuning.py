@@ -22,12 +22,7 @@ from slidesnake.models import get_model_class  # noqa: E402
 from slidesnake.tuning import best_config, fold_tables, suggest, trials_table, tune, val_nll  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class NoTestBags(Mapping):

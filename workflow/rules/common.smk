@@ -223,6 +223,21 @@ def audit_sheet():
     return samples[cols].astype(str).to_dict("records")
 
 
+def cohort_files(pattern):
+    """Input function: ``pattern`` expanded over the cohort's slides.
+
+    Cohort-wide inputs are functions, not lists: Snakemake looks a list input up once per file it
+    holds (hashing the whole list each time) while it builds the DAG, when the rule also names
+    another rule's output (``rules.<name>.output``): quadratic in the cohort, 18 s of a
+    5,000-slide plan for run_summary alone (docs/benchmarks.md, "DAG building").
+    """
+
+    def files(wildcards=None):
+        return expand(pattern, slide=SLIDES)
+
+    return files
+
+
 def feature_stores(wildcards=None):
     return expand(f"{OUT}/features/{BACKBONE}/{{slide}}.zarr", slide=SLIDES)
 

@@ -48,7 +48,7 @@ rule heatmap:
 rule localisation:
     """Per-slide ROC AUC of tile attention against the annotated regions (config heatmap.annotations)."""
     input:
-        tiles=expand(f"{OUT}/heatmaps/{MODEL}/{{slide}}.tiles.csv", slide=SLIDES),
+        tiles=cohort_files(f"{OUT}/heatmaps/{MODEL}/{{slide}}.tiles.csv"),
         annotations=annotation_files,
         samples=config["samples"],
     output:

@@ -1,18 +1,18 @@
 rule run_summary:
     input:
         samples=config["samples"],
-        tissue=expand(rules.filter_tissue.output.tiles, slide=SLIDES),
+        tissue=cohort_files(rules.filter_tissue.output.tiles),
         excluded=rules.excluded_table.output.table,
         # one list per stage, in pipeline order: the script reads every input named bench_<stage>
-        bench_tile=expand(rules.tile.benchmark, slide=SLIDES),
-        bench_filter_tissue=expand(rules.filter_tissue.benchmark, slide=SLIDES),
+        bench_tile=cohort_files(rules.tile.benchmark),
+        bench_filter_tissue=cohort_files(rules.filter_tissue.benchmark),
         bench_qc_table=rules.qc_table.benchmark,
-        bench_extract_features=expand(rules.extract_features.benchmark, slide=SLIDES),
+        bench_extract_features=cohort_files(rules.extract_features.benchmark),
         bench_excluded_table=rules.excluded_table.benchmark,
         bench_make_splits=rules.make_splits.benchmark,
         bench_train=expand(rules.train.benchmark, fold=FOLDS),
         bench_summarize=rules.summarize.benchmark,
-        bench_heatmap=expand(rules.heatmap.benchmark, slide=SLIDES),
+        bench_heatmap=cohort_files(rules.heatmap.benchmark),
     output:
         slides=report(
             f"{OUT}/run_summary/slides.tsv",

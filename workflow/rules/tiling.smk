@@ -56,7 +56,7 @@ rule filter_tissue:
 
 rule qc_table:
     input:
-        qc=expand(rules.filter_tissue.output.qc, slide=SLIDES),
+        qc=cohort_files(rules.filter_tissue.output.qc),
     output:
         table=report(
             f"{OUT}/qc/slides.tsv",
