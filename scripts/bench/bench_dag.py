@@ -10,12 +10,21 @@ the plan: everything a user waits for). Results go to stdout as a Markdown table
     .venv/bin/python -m pstats dag.prof                  # then: sort cumtime / stats 30
     .venv/bin/python scripts/bench/bench_dag.py --slurm  # with --profile slurm (bundles on) and the
                                                          # number of sbatch submissions it plans
+    .venv/bin/python scripts/bench/bench_dag.py --slurm --first-sbatch   # + seconds until a real
+                                                         # `snakemake --profile slurm` run submits
 
 With ``--slurm`` the dry run uses workflow/profiles/slurm (linked into a temporary
 $XDG_CONFIG_HOME, as `make slurm-profile` does), so the job groups (bundles) are formed while the
 DAG is built, and a second, untimed dry run counts what the SLURM executor would submit: every
 group job (bundle) and every ungrouped job is one sbatch, and the rules the profile sends as job
 arrays (`slurm-array-jobs`) one sbatch per up to `slurm-array-limit` (1,000) of their jobs.
+
+With ``--first-sbatch`` (needs ``--slurm``) it also starts a real run, `snakemake --profile slurm`
+with the SLURM executor plugin, and times how long the cluster waits before the first job is
+submitted: the plan a cluster user waits for (the DAG is built and checked; jobs are then printed
+and their resources evaluated as they are submitted, not all up front as a dry run does). The
+scheduler's commands (sbatch, squeue, sacct, scontrol, sacctmgr, sinfo) are stand-ins on PATH: sbatch
+notes the time of its first call and answers a job id; nothing is run. The run is then stopped.
 
 tests/test_dag_scale.py plans a few hundred placeholder slides with the same helper (untimed).
 """
@@ -142,6 +151,48 @@ def dry_run(workdir: Path, *extra: str, profile: Path | None = None,
     return seconds, cpu, proc.stdout + proc.stderr
 
 
+# Stand-ins for the scheduler's commands (--first-sbatch): every call is logged; sbatch writes the
+# time of the first submission and answers a job id; sacctmgr / sshare know the account it is given.
+_FAKE = {
+    "sbatch": 'cat > /dev/null\n[ -f "$STAMP" ] || date +%s.%N > "$STAMP"\necho 4242\n',
+    "sacctmgr": "echo bench\n",
+    "sshare": "echo bench\n",
+}
+
+
+def first_submission(workdir: Path, env: dict, snakefile: Path = SNAKEFILE, timeout: float = 900.0) -> float:
+    """Seconds from starting `snakemake --profile slurm` in ``workdir`` to its first sbatch call."""
+    import signal
+
+    fake = workdir / "fake-slurm"
+    (fake / "bin").mkdir(parents=True, exist_ok=True)
+    stamp = fake / "first-sbatch"
+    stamp.unlink(missing_ok=True)
+    for cmd in ("sbatch", "squeue", "sacct", "scontrol", "sacctmgr", "sshare", "sinfo", "scancel"):
+        path = fake / "bin" / cmd
+        path.write_text(f'#!/bin/sh\necho "{cmd} $*" >> "{fake}/calls.log"\n' + _FAKE.get(cmd, "exit 0\n"))
+        path.chmod(0o755)
+    run_env = {**env, "PATH": f"{fake / 'bin'}:{env.get('PATH', '')}", "STAMP": str(stamp),
+               "SBATCH_PARTITION": "bench", "SBATCH_ACCOUNT": "bench"}
+    cmd = [sys.executable, "-m", "snakemake", "--profile", "slurm", "--snakefile", str(snakefile),
+           "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--nolock"]
+    log = fake / "snakemake.log"  # a file, not a pipe: a full pipe would stop the run
+    t0 = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=run_env, start_new_session=True)
+    try:
+        while not stamp.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"the run ended before submitting anything:\n{log.read_text()[-3000:]}")
+            if time.time() - t0 > timeout:
+                raise RuntimeError(f"no sbatch within {timeout:.0f} s")
+            time.sleep(0.2)
+        return float(stamp.read_text()) - t0
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def job_total(text: str) -> int:
     for line in text.split("Job stats:", 1)[1].splitlines():
         if line.startswith("total"):
@@ -159,7 +210,11 @@ def main(argv=None) -> int:
                     help="another copy of the workflow, to compare (default: this repository's)")
     ap.add_argument("--slurm", action="store_true",
                     help="plan with --profile slurm (bundles on) and count the sbatch submissions")
+    ap.add_argument("--first-sbatch", action="store_true",
+                    help="with --slurm: also time a real run until its first sbatch (stand-in scheduler)")
     args = ap.parse_args(argv)
+    if args.first_sbatch and not args.slurm:
+        ap.error("--first-sbatch needs --slurm")
 
     import snakemake
 
@@ -171,7 +226,8 @@ def main(argv=None) -> int:
     extra = ("--profile", "slurm") if args.slurm else ()
     print("\n| slides | jobs | `snakemake -n` wall (s) | CPU (s) | load average |"
           + (" sbatch submissions |" if args.slurm else "")
-          + "\n|---:|---:|---:|---:|---:|" + ("---|" if args.slurm else ""))
+          + (" first sbatch of a real run (s) |" if args.first_sbatch else "")
+          + "\n|---:|---:|---:|---:|---:|" + ("---|" if args.slurm else "") + ("---:|" if args.first_sbatch else ""))
     for n in args.sizes:
         work = root / f"n{n}"
         make_placeholder_cohort(work, n)
@@ -183,6 +239,8 @@ def main(argv=None) -> int:
             sizes = sub.pop("group sizes")
             row += (f" {sum(sub.values()):,} ({', '.join(f'{k} {v}' for k, v in sorted(sub.items()))};"
                     f" jobs per bundle (min, max) {sizes}) |")
+        if args.first_sbatch:
+            row += f" {first_submission(work, env, args.snakefile):.1f} |"
         print(row, flush=True)
     if args.profile is not None:
         dry_run(root / f"n{args.sizes[-1]}", *extra, profile=args.profile, snakefile=args.snakefile, env=env)
